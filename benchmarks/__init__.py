@@ -1,0 +1,1 @@
+"""Benchmarks for sat_quant: ``python -m benchmarks`` writes benchmarks/RESULTS.md."""

@@ -1,0 +1,26 @@
+"""``python -m benchmarks [--quick]``: run every benchmark and write benchmarks/RESULTS.md."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+
+from . import kernels
+from .machine import describe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow dequantize-per-call reference rows")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    ns = parser.parse_args()
+    sections = [f"# sat_quant benchmark results\n\nWritten by `python -m benchmarks` on "
+                f"{datetime.date.today().isoformat()}.\n\n{describe()}\n",
+                kernels.run(include_reference=not ns.no_reference)]
+    with open(ns.out, "w") as f:
+        f.write("\n".join(sections) + "\n")
+    print(f"wrote {ns.out}")
+
+
+if __name__ == "__main__":
+    main()

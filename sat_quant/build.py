@@ -1,0 +1,229 @@
+"""Quantize while the model is built: linear weights are born on the meta device, then each
+layer is replaced by its quantized version and filled (from a checkpoint, or from a fresh random
+init generated one layer at a time), so the full-precision model never exists in memory.
+
+Reaches every ``nn.Linear``, ``ColumnParallelLinear`` and ``RowParallelLinear`` wherever it sits:
+transformer layers, mixins (CogVLM's visual expert), nested SAT models (the EVA2-CLIP tower) and
+plain ``nn.Linear`` (CogVLM's GLU adapter).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from .args import target_device, validate_quant_args
+from .config import QuantConfig
+from .errors import QuantConfigError
+from .formats import LayerSpec
+from .layers import QuantColumnParallelLinear, QuantLinear, QuantRowParallelLinear
+from .report import QuantReport, quant_report
+
+# Exact types: subclasses such as nn.MultiheadAttention's out_proj are read through .weight by their owner.
+TARGET_TYPES = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
+DEFAULT_INIT_STD = 0.02  # SAT's default init_method_std (unscaled_init_method(0.02))
+
+
+def is_target(module: nn.Module) -> bool:
+    return type(module) in TARGET_TYPES
+
+
+@contextmanager
+def linear_weights_on_meta() -> Iterator[None]:
+    """While active, the ``weight`` of every target linear is created on the meta device (no memory).
+
+    Uses torch's global parameter-registration hook, so model code (SAT, CogVLM) runs unchanged;
+    SAT's own init of those weights becomes a no-op, everything else is built as usual.
+    """
+    def to_meta(module, name, param):
+        if name != "weight" or param is None or param.is_meta or not is_target(module):
+            return None
+        meta = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        meta.__dict__.update(param.__dict__)  # keep SAT's flags such as .model_parallel
+        return meta
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class PlannedLayer:
+    names: List[str]            # every path at which this module object is reachable
+    module: nn.Module
+    spec: Optional[LayerSpec]   # None: keep full precision
+
+
+def plan_layers(model: nn.Module, config: QuantConfig) -> List[PlannedLayer]:
+    """Decide every target layer's spec; all shape errors are raised together, before any weight is touched."""
+    by_id: Dict[int, PlannedLayer] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_target(module):
+            if id(module) in by_id:
+                by_id[id(module)].names.append(name)
+            else:
+                by_id[id(module)] = PlannedLayer([name], module, None)
+    errors = []
+    for planned in by_id.values():
+        out_features, in_features = planned.module.weight.shape
+        try:
+            planned.spec = config.spec_for(planned.names[0], out_features, in_features)
+        except QuantConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise QuantConfigError("cannot quantize this model as asked:\n  " + "\n  ".join(errors[:20]) +
+                               (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
+    names = [n for p in by_id.values() for n in p.names]
+    for pattern in config.unmatched_patterns(names):
+        warnings.warn(f"--quant-skip/--quant-plan pattern '{pattern}' matches no linear layer; "
+                      f"check the module names (e.g. `sat-quant inspect` or model.named_modules()).")
+    return list(by_id.values())
+
+
+def _quant_layer_for(module: nn.Module, spec: LayerSpec, backend: str, device: torch.device) -> QuantLinear:
+    bias = module.bias is not None
+    bias_dtype = module.bias.dtype if bias else module.weight.dtype
+    common = dict(bias=bias, backend=backend, device=device, bias_dtype=bias_dtype)
+    if isinstance(module, ColumnParallelLinear):
+        layer = QuantColumnParallelLinear(spec, input_size=module.input_size, output_size=module.output_size,
+                                          gather_output=module.gather_output, stride=module.stride, **common)
+    elif isinstance(module, RowParallelLinear):
+        layer = QuantRowParallelLinear(spec, input_size=module.input_size, output_size=module.output_size,
+                                       input_is_parallel=module.input_is_parallel, final_bias=module.final_bias,
+                                       **common)
+    else:
+        layer = QuantLinear(spec, **common)
+    if bias:
+        with torch.no_grad():
+            layer.bias.copy_(module.bias.detach())
+        layer.bias.requires_grad_(module.bias.requires_grad)
+    return layer
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS. glibc keeps each layer's freed float temporaries in its
+    heap, which made peak RSS of a quantized build 3-4x the quantized size (tests/test_memory.py)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_(model: nn.Module, config: QuantConfig, *, device=None,
+              init_std: Optional[float] = DEFAULT_INIT_STD) -> QuantReport:
+    """Replace every target linear of ``model`` per ``config``, one layer at a time, in place.
+
+    Works on a normal full-precision model (each float weight is freed as soon as it is quantized)
+    and on one built under ``linear_weights_on_meta`` (meta weights get a fresh N(0, init_std)
+    weight generated per layer, or zeros when ``init_std`` is None, i.e. a checkpoint will fill them).
+    """
+    config.validate()
+    plans = plan_layers(model, config)
+    fp_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta), torch.float32)
+    for planned in plans:
+        module = planned.module
+        dev = torch.device(device) if device is not None else (
+            module.bias.device if module.bias is not None else torch.device("cpu"))
+        weight = module.weight
+        if weight.is_meta:
+            weight = torch.empty(weight.shape, dtype=torch.float32, device=dev)
+            if init_std is None:
+                weight.zero_()
+            else:
+                weight.normal_(0.0, init_std)
+        if planned.spec is None:  # stays full precision; a meta weight must become real
+            if module.weight.is_meta:
+                module.weight = nn.Parameter(weight.to(fp_dtype), requires_grad=module.weight.requires_grad)
+            continue
+        layer = _quant_layer_for(module, planned.spec, config.backend, dev)
+        layer.quantize_weight_(weight)
+        for name in planned.names:
+            _set_submodule(model, name, layer)
+        planned.module = None  # drop our reference so the float weight is freed now, not at the end
+        del weight, module
+        release_freed_memory()
+    leftovers = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftovers:
+        raise RuntimeError(f"parameters still on the meta device after quantization: {leftovers[:5]}")
+    return quant_report(model, full_precision_dtype=fp_dtype)
+
+
+def _params_dtype(args: argparse.Namespace) -> torch.dtype:
+    if getattr(args, "fp16", False):
+        return torch.float16
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    return torch.float32
+
+
+def get_model(args: argparse.Namespace, model_cls, **kwargs) -> nn.Module:
+    """Drop-in for ``sat.model.base_model.get_model`` that honours ``--quant``.
+
+    Same steps as SAT (build, ``.half()``/``.bfloat16()``, ``.to(device)``), except that with
+    ``--quant`` the linear weights never exist in full precision: they are built on meta and
+    quantized layer by layer. Without ``--quant`` it simply calls SAT's ``get_model``.
+    """
+    config = validate_quant_args(args)  # refuses bad flag combinations before anything is built
+    if config is None:
+        from sat.model.base_model import get_model as sat_get_model
+        return sat_get_model(args, model_cls, **kwargs)
+    return build_quantized(args, model_cls, config, **kwargs)
+
+
+def build_quantized(args: argparse.Namespace, model_cls, config: QuantConfig, **kwargs) -> nn.Module:
+    """Build ``model_cls(args)`` quantized per ``config`` (see ``get_model``)."""
+    from sat.helpers import check_if_zero3, print_rank0
+    if check_if_zero3(args):
+        raise QuantConfigError("--quant cannot be combined with ZeRO stage 3 (it partitions the float weights "
+                               "sat_quant replaces); use --zero-stage 0/1/2.")
+    params_dtype = kwargs.pop("params_dtype", _params_dtype(args))
+    device = target_device(args)
+    with linear_weights_on_meta():
+        model = model_cls(args, params_dtype=params_dtype, **kwargs)
+    init_std = None if getattr(args, "skip_init", False) else DEFAULT_INIT_STD
+    report = quantize_(model, config, device=device, init_std=init_std)
+    if getattr(args, "fp16", False):
+        model.half()
+    elif getattr(args, "bf16", False):
+        model.bfloat16()
+    model.to(device)
+    attach_quant_mixin(model, config)
+    if device.type == "cpu":
+        from .compat import apply_cpu_compat, install_xformers_cpu_fallback
+        apply_cpu_compat(model)
+        install_xformers_cpu_fallback()
+    print_rank0(f"sat_quant: {config.format} ({config.bits}-bit) model built\n{report.table()}")
+    model.quant_report = report
+    return model
+
+
+def attach_quant_mixin(model: nn.Module, config: QuantConfig) -> None:
+    """Register QuantMixin so SAT's save_checkpoint records the quant flags in model_config.json."""
+    from sat.model.base_model import BaseModel
+    from .mixin import QuantMixin
+    if isinstance(model, BaseModel) and "quant" not in model.mixins:
+        model.add_mixin("quant", QuantMixin(config))

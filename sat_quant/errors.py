@@ -1,0 +1,13 @@
+"""Exceptions sat_quant raises: each message says what was wrong and which flag or file fixes it."""
+
+
+class QuantError(Exception):
+    """Base class for every error sat_quant raises on purpose."""
+
+
+class QuantConfigError(QuantError, ValueError):
+    """A flag, config file or plan asks for something that cannot work; raised before any weight is touched."""
+
+
+class QuantBackendError(QuantError, RuntimeError):
+    """The requested kernel backend cannot run this format on this device/dtype."""

@@ -1,0 +1,101 @@
+"""The contract every weight format fulfils: quantize, dequantize and describe its tensors.
+
+A format owns the kernel-neutral layout (what goes to disk); backends own kernel layouts.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional, Tuple
+
+import torch
+
+from ..errors import QuantConfigError
+
+TensorLayout = Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one linear layer is quantized: its format, group size and (local) weight shape [out, in]."""
+
+    format: str
+    out_features: int
+    in_features: int
+    group_size: Optional[int] = None
+
+    @property
+    def num_groups(self) -> int:
+        return 1 if self.group_size is None else self.in_features // self.group_size
+
+
+class WeightFormat(ABC):
+    """One quantized weight format. Subclasses are stateless singletons registered by name."""
+
+    name: ClassVar[str]
+    bits: ClassVar[int]
+    default_group_size: ClassVar[Optional[int]] = None
+    grouped: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def resolve_group_size(self, group_size: Optional[int]) -> Optional[int]:
+        """The group size this format actually uses: per-channel formats ignore it."""
+        if not self.grouped:
+            return None
+        return self.default_group_size if group_size is None else int(group_size)
+
+    def check_shape(self, out_features: int, in_features: int, group_size: Optional[int], where: str = "") -> None:
+        """Raise QuantConfigError when this format cannot hold a [out, in] weight with this group size."""
+        at = f" for layer '{where}'" if where else ""
+        if self.grouped:
+            if group_size is None or group_size <= 0 or group_size % 2:
+                raise QuantConfigError(f"{self.name}: group size must be a positive even number, got {group_size}{at}; "
+                                       f"set --quant-group-size (e.g. 32, 64 or 128).")
+            if in_features % group_size:
+                divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+                hint = f"use --quant-group-size {divisors[-1]}" if divisors else "add it to --quant-skip"
+                raise QuantConfigError(
+                    f"{self.name}: in_features={in_features}{at} is not divisible by group size {group_size}; "
+                    f"{hint} (sat_quant does not pad groups).")
+
+    def spec(self, out_features: int, in_features: int, group_size: Optional[int] = None, where: str = "") -> LayerSpec:
+        group = self.resolve_group_size(group_size)
+        self.check_shape(out_features, in_features, group, where)
+        return LayerSpec(self.name, out_features, in_features, group)
+
+    @abstractmethod
+    def layout(self, spec: LayerSpec) -> TensorLayout:
+        """Name → (shape, dtype) of the kernel-neutral tensors of one layer (see docs/FORMAT.md)."""
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec) -> Dict[str, torch.Tensor]:
+        """Plain-torch reference quantization of a [out, in] float weight into the neutral tensors."""
+
+    @abstractmethod
+    def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Plain-torch reference reconstruction of the [out, in] weight; every backend is tested against it."""
+
+    def nbytes(self, spec: LayerSpec) -> int:
+        """Bytes the neutral tensors of one layer occupy."""
+        total = 0
+        for shape, dtype in self.layout(spec).values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    def bits_per_param(self, spec: LayerSpec) -> float:
+        return 8.0 * self.nbytes(spec) / (spec.out_features * spec.in_features)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] integer codes 0..15 → [N, K/2] uint8, even index in the high nibble (bitsandbytes' order)."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] << 4) | c[:, 1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: [N, K/2] uint8 → [N, K] uint8 codes."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1)

@@ -1,0 +1,66 @@
+"""nf4 / fp4: 4-bit codes indexing a 16-value table, scaled by the absmax of each block.
+
+Same codes and tables as bitsandbytes (``quantize_4bit``), so its kernels read our neutral
+layout without conversion: ``qweight`` uint8 [out, in/2] (even column in the high nibble),
+``absmax`` float32 [out, in/block].
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, unpack_nibbles
+
+# The two 16-entry tables bitsandbytes uses (bitsandbytes.functional.get_4bit_type).
+NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+FP4_TABLE = (0.0, 0.005208333333, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
+             -0.0, -0.005208333333, -0.66666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25)
+
+
+class _Table4Bit(WeightFormat):
+    bits = 4
+    grouped = True
+    default_group_size = 64
+    table: tuple
+
+    def table_tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.table, dtype=torch.float32, device=device)
+
+    def layout(self, spec: LayerSpec) -> TensorLayout:
+        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        return {"qweight": ((n, k // 2), torch.uint8), "absmax": ((n, g), torch.float32)}
+
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec) -> Dict[str, torch.Tensor]:
+        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        w = weight.detach().float().reshape(n, g, k // g)
+        absmax = w.abs().amax(dim=-1)
+        normed = w / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[..., None]
+        # nearest table entry: bucketize against midpoints of the sorted table
+        table = self.table_tensor(w.device)
+        values, order = torch.sort(table)
+        mids = (values[1:] + values[:-1]) / 2
+        codes = order[torch.bucketize(normed, mids)]
+        return {"qweight": pack_nibbles(codes.reshape(n, k)).contiguous(), "absmax": absmax.contiguous()}
+
+    def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        codes = unpack_nibbles(tensors["qweight"]).long()
+        w = self.table_tensor(codes.device)[codes].reshape(n, g, k // g) * tensors["absmax"].float()[..., None]
+        return w.reshape(n, k).to(dtype)
+
+
+class NF4(_Table4Bit):
+    name = "nf4"
+    table = NF4_TABLE
+    description = "4-bit NormalFloat (QLoRA), fp32 absmax per block"
+
+
+class FP4(_Table4Bit):
+    name = "fp4"
+    table = FP4_TABLE
+    description = "4-bit float (bitsandbytes fp4), fp32 absmax per block"

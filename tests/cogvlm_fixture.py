@@ -1,0 +1,177 @@
+"""A tiny but real CogVLM (THUDM's own ``CogVLMModel`` from the shared upstream snapshot) on CPU.
+
+The model classes are imported from ``../shared/cogvlm`` (put on ``sys.path``), never copied into the
+project. The configuration mirrors the shape of CogVLM's released ``model_config.json`` (LLaMA-style
+language model without biases, EVA2-CLIP vision tower with post layernorm and no final layernorm) at a size
+that builds and runs a full image+text forward on CPU in well under a second.
+
+Use::
+
+    from tests.cogvlm_fixture import build_tiny_cogvlm, tiny_cogvlm_inputs
+    model, args = build_tiny_cogvlm()
+    logits = model(**tiny_cogvlm_inputs())[0]        # [1, seq, 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import torch
+
+#: the upstream snapshot; ``SAT_QUANT_COGVLM_DIR`` overrides it
+COGVLM_DIR = Path(os.environ.get("SAT_QUANT_COGVLM_DIR",
+                                 Path(__file__).resolve().parents[2] / "shared" / "cogvlm"))
+
+#: EVA2-CLIP at tiny size. hidden 1792 is fixed: CogVLM's GLU adapter hard-codes ``in_features = 1792``.
+TINY_EVA_ARGS = dict(
+    num_layers=2, hidden_size=1792, num_attention_heads=16, inner_hidden_size=1920, vocab_size=1,
+    layernorm_order="post", use_final_layernorm=False, layernorm_epsilon=1e-6, model_parallel_size=1,
+    max_sequence_length=257, image_size=[224, 224], pre_len=1, post_len=0, in_channels=3, patch_size=14,
+)
+
+#: the language model at tiny size; ``image_length`` = (224 / 14)^2 patches (EVA's cls token is dropped)
+TINY_LM_ARGS = dict(
+    num_layers=2, hidden_size=256, num_attention_heads=4, inner_hidden_size=512, vocab_size=1000,
+    max_sequence_length=2048, layernorm_order="pre", use_bias=False, layernorm_epsilon=1e-5,
+    image_length=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+#: what CogVLM's scripts put in the namespace besides the architecture (cli_demo_sat.py, inference mode)
+RUN_ARGS = dict(
+    mode="inference", world_size=1, rank=0, local_rank=0, model_parallel_size=1, deepspeed=None,
+    skip_init=False, use_gpu_initialization=False, device="cpu", fp16=False, bf16=False, seed=1234,
+)
+
+
+def cogvlm_available() -> bool:
+    """True when the upstream CogVLM snapshot is where the fixture looks for it."""
+    return (COGVLM_DIR / "utils" / "models" / "cogvlm_model.py").is_file()
+
+
+def cogvlm_model_class():
+    """Import ``utils.models.CogVLMModel`` from the snapshot (not from any other ``utils`` package)."""
+    if not cogvlm_available():
+        raise FileNotFoundError(f"CogVLM snapshot not found at {COGVLM_DIR} (set SAT_QUANT_COGVLM_DIR)")
+    root = str(COGVLM_DIR)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    loaded = sys.modules.get("utils")
+    if loaded is not None and not str(getattr(loaded, "__file__", "") or "").startswith(root):
+        raise ImportError(f"another top-level 'utils' package is already imported ({loaded!r}); "
+                          f"CogVLM's snapshot needs that name")
+    from utils.models import CogVLMModel  # noqa: E402  (the real upstream class)
+    return CogVLMModel
+
+
+_cogvlm_model_class = cogvlm_model_class  # older name, kept for callers
+
+
+def tiny_cogvlm_args(**overrides: Any) -> argparse.Namespace:
+    """SAT args (through ``CogVLMModel.get_args``, so every SAT default is present) for the tiny CogVLM.
+
+    ``overrides`` replace any entry; an ``eva_args`` dict is merged into the tiny EVA defaults rather than
+    replacing them. ``fp16``/``bf16`` are what SAT's ``get_model`` uses to cast the whole model.
+    """
+    cls = cogvlm_model_class()
+    eva = copy.deepcopy(TINY_EVA_ARGS)
+    eva.update(overrides.pop("eva_args", None) or {})
+    kw = dict(TINY_LM_ARGS, **RUN_ARGS)
+    kw.update(overrides)
+    kw["eva_args"] = eva
+    return cls.get_args(**kw)
+
+
+#: CogVLM's own expert mixins build every layer with ``skip_init=True`` (they expect a checkpoint), so on a
+#: fresh build their weights are uninitialized memory (seen: 1e-43 denormals and 1e26 values)
+SKIP_INIT_MIXINS = ("mlp", "rotary")
+EXPERT_INIT_STD = 0.01  # LLaMAModel's init_method_std
+
+
+def init_skipped_weights(model: torch.nn.Module, seed: int = 0) -> int:
+    """Give the weights CogVLM leaves uninitialized (``SKIP_INIT_MIXINS``) seeded N(0, 0.01) values, in place.
+
+    Returns how many parameters were filled. Done after SAT's dtype cast, so it works for any params_dtype.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for name in SKIP_INIT_MIXINS:
+            for p in model.mixins[name].parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * EXPERT_INIT_STD)
+                count += 1
+    return count
+
+
+def build_tiny_cogvlm(params_dtype: torch.dtype = torch.float32, *, cpu_compat: bool = True, seed: int = 0,
+                      **overrides: Any) -> Tuple[torch.nn.Module, argparse.Namespace]:
+    """Build the real ``CogVLMModel`` at tiny size with SAT's own ``get_model``, in eval mode, on CPU.
+
+    ``params_dtype`` selects fp32/bf16/fp16 the way CogVLM's ``--bf16``/``--fp16`` do (SAT then casts every
+    parameter and buffer, the vision tower included). With ``cpu_compat`` (default) the triton rotary is
+    swapped for the torch one and the xformers CPU fallback is installed; ``cpu_compat=False`` leaves the
+    model as upstream builds it (its forward then fails on CPU). SAT's model-only ``_simple_init`` (called
+    by ``BaseModel``) sets up a one-process gloo group, so this works in a plain pytest process.
+
+    Deterministic: SAT reseeds the global RNG with ``args.seed`` (1234) while building, and the weights
+    CogVLM builds with ``skip_init=True`` (visual expert, and the expert MLP's ``gate_proj``) are filled from
+    ``seed`` by :func:`init_skipped_weights`. The global RNG state is left as SAT leaves it (reseeded).
+    """
+    from sat.model.base_model import get_model
+
+    from sat_quant.compat import apply_cpu_compat, install_xformers_cpu_fallback
+
+    if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"params_dtype must be float32, bfloat16 or float16, not {params_dtype}")
+    overrides.setdefault("bf16", params_dtype == torch.bfloat16)
+    overrides.setdefault("fp16", params_dtype == torch.float16)
+    args = tiny_cogvlm_args(**overrides)
+    model = get_model(args, cogvlm_model_class(), params_dtype=params_dtype).eval()
+    init_skipped_weights(model, seed)
+    if cpu_compat:
+        apply_cpu_compat(model)
+        install_xformers_cpu_fallback()
+    return model, args
+
+
+def tiny_cogvlm_inputs(seq_len: int = 266, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                       image_length: int = 256, image_size: int = 224, vocab_size: int = 1000,
+                       device: Optional[torch.device] = None) -> dict:
+    """Keyword arguments for a full image+text ``CogVLMModel.forward`` (batch 1), laid out as CogVLM's own
+    ``llama2_text_processor_inference`` + ``get_masks_and_position_ids`` lay out a prompt with one image:
+
+    ``[bos] [boi] [image x image_length] [eoi] [text ...]``; the image slots hold token 0 and are overwritten
+    by the projected EVA features (``image_embed_mask`` covers boi..eoi), ``vision_expert_mask`` covers
+    boi..last image token, all image tokens share one rotary position (so ``position_ids`` repeat and end
+    below ``seq_len - 1``), and the attention mask is causal. ``seq_len`` counts every token, so it must be
+    at least ``image_length + 3``; the rest are random text tokens. Float tensors (mask, image) are ``dtype``.
+    """
+    n_text = seq_len - (image_length + 3)
+    if n_text < 0:
+        raise ValueError(f"seq_len must be >= image_length + 3 = {image_length + 3}, got {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    boi, eoi = 1, image_length + 2  # indices of the begin/end-of-image tokens
+    input_ids = torch.zeros(1, seq_len, dtype=torch.long)
+    input_ids[0, 0] = 1  # bos
+    input_ids[0, eoi + 1:] = torch.randint(3, vocab_size, (n_text,), generator=gen)
+    image_embed_mask = torch.zeros(1, seq_len, dtype=torch.long)
+    image_embed_mask[0, boi:eoi + 1] = 1
+    vision_expert_mask = torch.zeros(1, seq_len, dtype=torch.long)
+    vision_expert_mask[0, boi:eoi] = 1
+    # positions: bos 0, boi 1, every image token 2, eoi 3, then one per text token
+    position_ids = torch.cat([torch.arange(0, 3), torch.full((image_length - 1,), 2),
+                              torch.arange(3, 4 + n_text)]).unsqueeze(0)
+    attention_mask = torch.ones(1, 1, seq_len, seq_len, dtype=dtype).tril()
+    image = torch.randn(1, 3, image_size, image_size, generator=gen).to(dtype)
+    inputs = dict(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        image_embed_mask=image_embed_mask, vision_expert_mask=vision_expert_mask,
+        vision_image=image, vision_input_ids=torch.zeros(1, 1, dtype=torch.long),
+        vision_position_ids=None, vision_attention_mask=torch.ones(1, 1, dtype=torch.long),
+    )
+    if device is not None:
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    return inputs
