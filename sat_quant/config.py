@@ -27,7 +27,7 @@ class QuantConfig:
     format: Optional[str] = None          # None → DEFAULT_FORMAT_FOR_BITS[bits]
     group_size: Optional[int] = None      # None → the format's default
     skip: Tuple[str, ...] = ()            # globs on module names kept full precision
-    plan: Dict[str, str] = field(default_factory=dict)  # glob → format name or "fp"; first match wins
+    plan: Dict[str, str] = field(default_factory=dict)  # glob → "fmt[:group]" or "fp"; exact name, then first match
     backend: str = "auto"
     quantize_lm_head: bool = False
     version: int = CONFIG_VERSION
@@ -56,7 +56,7 @@ class QuantConfig:
         for pattern, value in self.plan.items():
             if value != FULL_PRECISION:
                 try:
-                    get_format(value)
+                    parse_plan_value(value, self.group_size)
                 except QuantConfigError as exc:
                     raise QuantConfigError(f"--quant-plan entry '{pattern}': {exc}") from None
         from .backends import BACKEND_CHOICES
@@ -65,22 +65,29 @@ class QuantConfig:
         return self
 
     # -- per layer ----------------------------------------------------------------------------------
-    def format_for(self, name: str) -> Optional[str]:
-        """Format name for the layer called ``name``, or None to keep it full precision."""
-        for pattern, value in self.plan.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return None if value == FULL_PRECISION else value
+    def _entry_for(self, name: str) -> Optional[Tuple[str, Optional[int]]]:
+        """(format, group size) for the layer called ``name``, or None to keep it full precision."""
+        value = self.plan.get(name)  # exact names first: checkpoints list every layer by name
+        if value is None:
+            value = next((v for pattern, v in self.plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
+        if value is not None:
+            return None if value == FULL_PRECISION else parse_plan_value(value, self.group_size)
         if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
             return None
         if not self.quantize_lm_head and any(fnmatch.fnmatchcase(name, p) for p in LM_HEAD_PATTERNS):
             return None
-        return self.format
+        return self.format, self.group_size
+
+    def format_for(self, name: str) -> Optional[str]:
+        """Format name for the layer called ``name``, or None to keep it full precision."""
+        entry = self._entry_for(name)
+        return None if entry is None else entry[0]
 
     def spec_for(self, name: str, out_features: int, in_features: int) -> Optional[LayerSpec]:
-        fmt_name = self.format_for(name)
-        if fmt_name is None:
+        entry = self._entry_for(name)
+        if entry is None:
             return None
-        return get_format(fmt_name).spec(out_features, in_features, self.group_size, where=name)
+        return get_format(entry[0]).spec(out_features, in_features, entry[1], where=name)
 
     def unmatched_patterns(self, names: List[str]) -> List[str]:
         """Skip/plan globs that match no layer (probably a typo: reported as a warning)."""
@@ -107,6 +114,17 @@ class QuantConfig:
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
         return cls.from_dict(json.loads(text))
+
+
+def parse_plan_value(value: str, default_group: Optional[int]) -> Tuple[str, Optional[int]]:
+    """A plan value is a format name, optionally with its group size: "int8", "int4", "int4:64"."""
+    name, _, group = value.partition(":")
+    get_format(name)
+    if not group:
+        return name, default_group
+    if not group.isdigit() or int(group) <= 0:
+        raise QuantConfigError(f"plan value '{value}': the group size after ':' must be a positive integer")
+    return name, int(group)
 
 
 def load_plan_file(path: str) -> Dict[str, str]:

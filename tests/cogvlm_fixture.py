@@ -22,9 +22,17 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-#: the upstream snapshot; ``SAT_QUANT_COGVLM_DIR`` overrides it
-COGVLM_DIR = Path(os.environ.get("SAT_QUANT_COGVLM_DIR",
-                                 Path(__file__).resolve().parents[2] / "shared" / "cogvlm"))
+
+def _find_cogvlm_dir() -> Path:
+    """``$SAT_QUANT_COGVLM_DIR``, else ``../shared/cogvlm`` next to the checkout, else the workspace's copy."""
+    if os.environ.get("SAT_QUANT_COGVLM_DIR"):
+        return Path(os.environ["SAT_QUANT_COGVLM_DIR"])
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "cogvlm", Path("/work/shared/cogvlm")]
+    return next((c for c in candidates if (c / "utils" / "models").is_dir()), candidates[0])
+
+
+#: the upstream snapshot (see _find_cogvlm_dir)
+COGVLM_DIR = _find_cogvlm_dir()
 
 #: EVA2-CLIP at tiny size. hidden 1792 is fixed: CogVLM's GLU adapter hard-codes ``in_features = 1792``.
 TINY_EVA_ARGS = dict(

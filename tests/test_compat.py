@@ -10,11 +10,10 @@ import torch
 from sat_quant.compat import (TorchRotaryEmbedding, apply_cpu_compat, install_xformers_cpu_fallback,
                               uninstall_xformers_cpu_fallback, xformers_attention_cpu,
                               xformers_routes_to_cpu_fallback)
-from tests.cogvlm_fixture import build_tiny_cogvlm, cogvlm_available, tiny_cogvlm_inputs
+from tests.cogvlm_fixture import build_tiny_cogvlm, tiny_cogvlm_inputs
 
 from sat.model.position_embedding.triton_rotary_embeddings import FastRotaryEmbedding  # noqa: E402
 
-needs_cogvlm = pytest.mark.skipif(not cogvlm_available(), reason="CogVLM snapshot (../shared/cogvlm) not found")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -245,8 +244,7 @@ def _qkv(mq=7, mk=11, heads=3, k_dim=16, v_dim=8, dtype=torch.float32):
 
 @pytest.fixture
 def fallback():
-    if xops is None:
-        pytest.skip("xformers is not importable")
+    assert xops is not None, "xformers is a test dependency (pip install -e '.[test]')"
     assert install_xformers_cpu_fallback() is True
     yield xops
     install_xformers_cpu_fallback()  # tests may uninstall; leave it installed for the CogVLM tests
@@ -330,7 +328,6 @@ def tiny_cogvlm():
     return build_tiny_cogvlm()
 
 
-@needs_cogvlm
 def test_tiny_cogvlm_forward_on_cpu(tiny_cogvlm):
     model, args = tiny_cogvlm
     assert type(model).__name__ == "CogVLMModel" and args.eva_args["hidden_size"] == 1792
@@ -348,7 +345,6 @@ def test_tiny_cogvlm_forward_on_cpu(tiny_cogvlm):
     assert not torch.allclose(logits[0, -1], logits2[0, -1])
 
 
-@needs_cogvlm
 def test_tiny_cogvlm_eva_needs_the_xformers_fallback(tiny_cogvlm, fallback):
     model, _ = tiny_cogvlm
     inputs = tiny_cogvlm_inputs()
@@ -364,7 +360,6 @@ def test_tiny_cogvlm_eva_needs_the_xformers_fallback(tiny_cogvlm, fallback):
     assert feats.shape == (1, 256, 1792) and torch.isfinite(feats).all()
 
 
-@needs_cogvlm
 def test_tiny_cogvlm_bf16_forward_on_cpu():
     model, args = build_tiny_cogvlm(torch.bfloat16)
     assert args.bf16 and next(model.parameters()).dtype == torch.bfloat16
@@ -373,7 +368,6 @@ def test_tiny_cogvlm_bf16_forward_on_cpu():
     assert logits.dtype == torch.bfloat16 and logits.shape == (1, 266, 1000) and torch.isfinite(logits).all()
 
 
-@needs_cogvlm
 def test_tiny_cogvlm_without_compat_fails_in_the_triton_rotary():
     install_xformers_cpu_fallback()  # so the only CUDA-only piece left is the rotary
     model, _ = build_tiny_cogvlm(cpu_compat=False)
@@ -386,7 +380,6 @@ def test_tiny_cogvlm_without_compat_fails_in_the_triton_rotary():
         assert torch.isfinite(model(**tiny_cogvlm_inputs())[0]).all()
 
 
-@needs_cogvlm
 def test_tiny_cogvlm_is_deterministic_and_fully_initialized(tiny_cogvlm):
     model, _ = tiny_cogvlm
     again, _ = build_tiny_cogvlm()
@@ -399,7 +392,6 @@ def test_tiny_cogvlm_is_deterministic_and_fully_initialized(tiny_cogvlm):
     assert 0.005 < experts.std() < 0.02
 
 
-@needs_cogvlm
 def test_tiny_cogvlm_inputs_follow_upstream_text_processor():
     """The fixture's layout equals what CogVLM's own inference processor and position function produce."""
     import importlib.util

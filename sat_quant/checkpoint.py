@@ -1,0 +1,475 @@
+"""Quantized checkpoints in SAT's layout: save once, load fast, in little memory, never half-way.
+
+Layout (``docs/FORMAT.md``)::
+
+    {dir}/latest                                    iteration number, written last
+    {dir}/model_config.json                         SAT's config + a "quantization" block
+    {dir}/{it}/mp_rank_XX_model_states.safetensors  every tensor (quantized ones kernel-neutral)
+    {dir}/{it}/mp_rank_XX_model_states.manifest.json size + sha256 of the tensor file, tensor table,
+                                                    and the quantization block of this iteration
+    {dir}/{it}/mp_rank_XX_model_states.pt           stub, so SAT's tools find the checkpoint (and an
+                                                    unpatched SAT load fails naming sat_quant)
+
+Saving writes into a temporary directory, fsyncs, renames it into place and updates ``latest``
+last, so a killed or failed save leaves the previous checkpoint loadable. Loading verifies the
+manifest, checks every tensor's name, shape and dtype before touching the model, and reads the
+tensors one at a time (re-opening the memory map every ``_REMAP_BYTES`` so mapped pages do not
+accumulate in the resident set).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .errors import QuantConfigError, QuantError
+from .layers import QuantLinear
+
+FORMAT_VERSION = 1
+STUB_KEY = "SAT_QUANT_CHECKPOINT__load_it_with_sat_quant.from_pretrained"
+_REMAP_BYTES = 64 * 2**20
+
+
+class CheckpointError(QuantError, RuntimeError):
+    """A checkpoint cannot be saved or loaded; the message names the file and the fix."""
+
+
+# -- naming ---------------------------------------------------------------------------------------
+
+def state_file(directory: str, iteration: int, rank: int, suffix: str) -> str:
+    return os.path.join(directory, str(iteration), f"mp_rank_{rank:02d}_model_states{suffix}")
+
+
+def model_parallel_rank() -> Tuple[int, int]:
+    """(rank, size) of this process in SAT's model-parallel group; (0, 1) outside torch.distributed."""
+    try:
+        from sat import mpu
+        if torch.distributed.is_initialized() and mpu.model_parallel_is_initialized():
+            return mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size()
+    except ImportError:
+        pass
+    return 0, 1
+
+
+# -- the quantization block -----------------------------------------------------------------------
+
+def find_quant_config(model: nn.Module) -> Optional[QuantConfig]:
+    mixins = getattr(model, "mixins", None)
+    if mixins is not None and "quant" in mixins:
+        return mixins["quant"].quant_config
+    return getattr(model, "quant_config", None)
+
+
+def quantization_block(model: nn.Module, config: Optional[QuantConfig] = None) -> Dict[str, Any]:
+    """What model_config.json records: format version, the config, and every quantized layer by name."""
+    from . import __version__
+    config = config or find_quant_config(model) or QuantConfig()
+    layers: Dict[str, Dict[str, Any]] = {}
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and id(module) not in seen:
+            seen.add(id(module))
+            layers[name] = {"format": module.fmt.name, "group_size": module.spec.group_size,
+                            "shape": [module.out_features, module.in_features]}
+    return {"format_version": FORMAT_VERSION, "sat_quant_version": __version__, "config": config.to_dict(),
+            "layers": layers}
+
+
+def config_from_block(block: Dict[str, Any], where: str = "model_config.json") -> QuantConfig:
+    """The QuantConfig that rebuilds exactly the layers a block lists (everything else full precision)."""
+    version = block.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: quantization format_version {version!r} is not supported by this "
+                              f"sat_quant (it reads version {FORMAT_VERSION}); upgrade sat_quant.")
+    try:
+        config = QuantConfig.from_dict(block["config"])
+        layers = block["layers"]
+    except (KeyError, TypeError, QuantConfigError) as exc:
+        raise CheckpointError(f"{where}: malformed quantization block ({exc}); re-convert the checkpoint.") from None
+    plan = {}
+    for name, layer in layers.items():
+        group = layer.get("group_size")
+        plan[name] = f"{layer['format']}:{group}" if group else layer["format"]
+    plan["*"] = "fp"
+    config.plan, config.skip = plan, ()
+    return config.validate()
+
+
+def describe_block(block: Dict[str, Any]) -> str:
+    """One line naming what a checkpoint holds, for error messages."""
+    formats = sorted({f"{l['format']}" + (f" group {l['group_size']}" if l.get("group_size") else "")
+                      for l in block.get("layers", {}).values()})
+    bits = block.get("config", {}).get("bits")
+    return f"{bits}-bit ({', '.join(formats) or 'no quantized layers'})"
+
+
+# -- tensors of a model, without materialising a full state dict ----------------------------------
+
+def iter_module_tensors(model: nn.Module) -> Iterator[Tuple[nn.Module, str, Dict[str, torch.Tensor]]]:
+    """(module, prefix, {local name: tensor}) for every module owning saved tensors, one at a time."""
+    seen = set()
+    for prefix, module in model.named_modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        pre = prefix + "." if prefix else ""
+        local: Dict[str, torch.Tensor] = {}
+        for n, p in module._parameters.items():
+            if p is not None:
+                local[n] = p.detach()
+        for n, b in module._buffers.items():
+            if b is not None and n not in module._non_persistent_buffers_set:
+                local[n] = b
+        if isinstance(module, QuantLinear):
+            local.update(module.neutral_tensors())
+        if local:
+            yield module, pre, local
+
+
+def expected_layout(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """Name → (shape, dtype) of every tensor a checkpoint of this model must hold."""
+    out: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+    seen = set()
+    for prefix, module in model.named_modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        pre = prefix + "." if prefix else ""
+        for n, p in module._parameters.items():
+            if p is not None:
+                out[pre + n] = (tuple(p.shape), p.dtype)
+        for n, b in module._buffers.items():
+            if b is not None and n not in module._non_persistent_buffers_set:
+                out[pre + n] = (tuple(b.shape), b.dtype)
+        if isinstance(module, QuantLinear):
+            for n, (shape, dtype) in module.fmt.layout(module.spec).items():
+                out[pre + n] = (tuple(shape), dtype)
+    return out
+
+
+# -- saving ---------------------------------------------------------------------------------------
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 * 2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_tensor_file(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """safetensors writes the file; separate storages are required, so shared tensors are cloned."""
+    from safetensors.torch import save_file
+    seen_ptrs = set()
+    clean = {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu")
+        if not t.is_contiguous() or t.data_ptr() in seen_ptrs or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.contiguous().clone()
+        seen_ptrs.add(t.data_ptr())
+        clean[name] = t
+    save_file(clean, path, metadata={"format": "pt", "producer": "sat_quant"})
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def model_config_dict(model: nn.Module, args: Optional[argparse.Namespace]) -> Dict[str, Any]:
+    """SAT's own model_config.json content (when args are given), plus the quantization block."""
+    if args is not None:
+        from sat.training.model_io import extract_model_specific_args_to_dump
+        config = extract_model_specific_args_to_dump(args, model)
+    else:
+        config = {"model_class": type(model).__name__}
+    config = {k: v for k, v in config.items() if _jsonable(v)}
+    config["quantization"] = quantization_block(model)
+    return config
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def save_checkpoint(model: nn.Module, save_dir: str, *, args: Optional[argparse.Namespace] = None,
+                    iteration: int = 1, overwrite: bool = False) -> str:
+    """Save ``model`` (quantized or not) under ``save_dir`` in SAT's layout; returns the iteration directory.
+
+    Each model-parallel rank writes its own files; rank 0 writes model_config.json and ``latest``.
+    Refuses to replace an existing iteration unless ``overwrite``.
+    """
+    if iteration <= 0:
+        raise CheckpointError(f"iteration must be positive (SAT's 'latest' needs it), got {iteration}")
+    rank, _ = model_parallel_rank()
+    os.makedirs(save_dir, exist_ok=True)
+    final_dir = os.path.join(save_dir, str(iteration))
+    if os.path.exists(state_file(save_dir, iteration, rank, ".safetensors")) and not overwrite:
+        raise CheckpointError(f"{final_dir} already holds a checkpoint; pass overwrite=True (--overwrite) "
+                              f"or save to another directory/iteration.")
+    tmp_dir = os.path.join(save_dir, f".{iteration}.tmp-{os.getpid()}-rank{rank}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    block = quantization_block(model)
+    try:
+        stem = os.path.join(tmp_dir, f"mp_rank_{rank:02d}_model_states")
+        tensors = {}
+        for _, prefix, local in iter_module_tensors(model):
+            tensors.update({prefix + n: t for n, t in local.items()})
+        _write_tensor_file(stem + ".safetensors", tensors)
+        table = {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
+                 for name, t in tensors.items()}
+        del tensors
+        manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "rank": rank,
+                    "file": os.path.basename(stem) + ".safetensors",
+                    "bytes": os.path.getsize(stem + ".safetensors"), "sha256": _sha256(stem + ".safetensors"),
+                    "tensors": table, "quantization": block}
+        _write_json_atomic(stem + ".manifest.json", manifest)
+        torch.save({"module": {STUB_KEY: torch.zeros(0)}, "sat_quant_format_version": FORMAT_VERSION},
+                   stem + ".pt")
+        _fsync_dir(tmp_dir)
+        os.makedirs(final_dir, exist_ok=True)
+        for name in sorted(os.listdir(tmp_dir)):  # per-rank files: other ranks' files stay untouched
+            os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+        _fsync_dir(final_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        why = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
+        raise CheckpointError(f"saving to {final_dir} failed: {why}. Nothing was replaced: the previous "
+                              f"checkpoint in {save_dir} (if any) is still the one 'latest' names.") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    _barrier()
+    if rank == 0:
+        _write_json_atomic(os.path.join(save_dir, "model_config.json"), model_config_dict(model, args))
+        _write_text_atomic(os.path.join(save_dir, "latest"), str(iteration))
+        _fsync_dir(save_dir)
+    _barrier()
+    return final_dir
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def read_latest(load_dir: str) -> int:
+    path = os.path.join(load_dir, "latest")
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist: {load_dir} is not a SAT checkpoint directory "
+                              f"(expected 'latest', 'model_config.json' and an iteration folder).") from None
+    if not text.isdigit() or int(text) <= 0:
+        raise CheckpointError(f"{path} holds {text!r}, not an iteration number; fix or rewrite it.")
+    iteration = int(text)
+    if not os.path.isdir(os.path.join(load_dir, text)):
+        raise CheckpointError(f"{path} names iteration {iteration}, but {os.path.join(load_dir, text)} does not "
+                              f"exist; point 'latest' at an existing iteration folder.")
+    return iteration
+
+
+def read_model_config(load_dir: str) -> Dict[str, Any]:
+    path = os.path.join(load_dir, "model_config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; a SAT checkpoint needs it (SAT's save_checkpoint writes "
+                              f"it).") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}).") from None
+
+
+def read_manifest(load_dir: str, iteration: int, rank: int) -> Optional[Dict[str, Any]]:
+    path = state_file(load_dir, iteration, rank, ".manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is corrupted ({exc}); restore it or re-save the checkpoint.") from None
+
+
+def verify_tensor_file(path: str, manifest: Dict[str, Any], checksum: bool = True) -> None:
+    """Size always, sha256 when ``checksum``: a truncated or altered file is named, never half-read."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete (re-save or re-convert it).")
+    size = os.path.getsize(path)
+    if size != manifest["bytes"]:
+        raise CheckpointError(f"{path} has {size} bytes but its manifest says {manifest['bytes']}: the file is "
+                              f"truncated or was replaced; re-save or re-convert the checkpoint.")
+    if checksum and _sha256(path) != manifest["sha256"]:
+        raise CheckpointError(f"{path} fails its sha256 check: the file is corrupted; re-save or re-convert "
+                              f"the checkpoint.")
+
+
+class TensorSource:
+    """Reads named tensors from a safetensors file or a SAT .pt, one at a time, with bounded residency."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handle = None
+        self._mapped_bytes = 0
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            self._open = lambda: safe_open(path, framework="pt", device="cpu")
+            try:
+                self._handle = self._open()
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                                      f"it may be truncated or corrupted.") from None
+            self._shapes = {}
+            for k in self._handle.keys():
+                sl = self._handle.get_slice(k)
+                self._shapes[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+        else:
+            self._state = _torch_load_safely(path)
+            self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()
+                            if isinstance(v, torch.Tensor)}
+
+    def layout(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+        return self._shapes
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._handle is None:
+            return self._state[name]
+        t = self._handle.get_tensor(name)
+        self._mapped_bytes += t.numel() * t.element_size()
+        if self._mapped_bytes > _REMAP_BYTES:  # drop the map: touched file pages otherwise stay resident
+            self._handle = self._open()
+            self._mapped_bytes = 0
+        return t
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return _ST_DTYPES.get(name, torch.uint8)
+
+
+def _torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
+    """A SAT .pt, memory-mapped and with weights_only=True: a pickle that would run code is refused."""
+    import pickle
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} contains pickled code or objects that are not plain tensors; sat_quant "
+                              f"loads checkpoints with weights_only=True and refuses it. Re-save it from "
+                              f"trusted code as a plain state dict. ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({exc}); it may be truncated.") from None
+    if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
+        raise CheckpointError(f"{path} is not a SAT checkpoint (expected a dict with a 'module' state dict).")
+    return sd["module"]
+
+
+def checkpoint_tensor_path(load_dir: str, iteration: int, rank: int) -> str:
+    """The tensor file of this rank: sat_quant's safetensors, else SAT's own .pt (e.g. from SAT's save_checkpoint)."""
+    st = state_file(load_dir, iteration, rank, ".safetensors")
+    if os.path.exists(st) or os.path.exists(state_file(load_dir, iteration, rank, ".manifest.json")):
+        return st
+    pt = state_file(load_dir, iteration, rank, ".pt")
+    if not os.path.exists(pt):
+        raise CheckpointError(f"{pt} is missing (model-parallel rank {rank} of iteration {iteration}); the "
+                              f"checkpoint is incomplete or was saved with another --model-parallel-size.")
+    return pt
+
+
+def load_into(model: nn.Module, source: TensorSource, *, strict: bool = True) -> None:
+    """Fill ``model`` from ``source``: check every name/shape/dtype first, then copy one module at a time.
+
+    Full-precision ``weight`` tensors arriving for a quantized layer are quantized as they arrive.
+    """
+    have = source.layout()
+    if STUB_KEY in have:
+        raise CheckpointError(f"{source.path} is sat_quant's stub; its tensors are in the .safetensors file next "
+                              f"to it (load with sat_quant.from_pretrained).")
+    want = expected_layout(model)
+    problems: List[str] = []
+    quant_prefixes = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            quant_prefixes[prefix + "." if prefix else ""] = module
+    consumed = set()
+    for name, (shape, dtype) in want.items():
+        if name in have:
+            consumed.add(name)
+            got_shape, got_dtype = have[name]
+            if got_shape != shape or got_dtype != dtype:
+                problems.append(f"{name}: checkpoint has {list(got_shape)} {got_dtype}, model needs {list(shape)} {dtype}")
+            continue
+        prefix, _, local = name.rpartition(".")
+        layer = quant_prefixes.get(prefix + "." if prefix else "")
+        fp_name = (prefix + "." if prefix else "") + "weight"
+        if layer is not None and local in layer.fmt.layout(layer.spec) and fp_name in have:
+            consumed.add(fp_name)
+            got_shape = have[fp_name][0]
+            if got_shape != (layer.out_features, layer.in_features):
+                problems.append(f"{fp_name}: checkpoint has {list(got_shape)}, model needs "
+                                f"{[layer.out_features, layer.in_features]}")
+            continue
+        problems.append(f"{name}: missing from the checkpoint")
+    unexpected = sorted(set(have) - consumed)
+    if strict and unexpected:
+        problems += [f"{n}: in the checkpoint but not in the model" for n in unexpected[:10]]
+    if problems:
+        raise CheckpointError(f"{source.path} does not fit this model ({len(problems)} problems):\n  " +
+                              "\n  ".join(sorted(set(problems))[:15]) +
+                              "\nCheck that the model class and its sizes (model_config.json) match the checkpoint, "
+                              "and that the quantization block describes these tensors.")
+    for module, prefix, local in iter_module_tensors(model):
+        with torch.no_grad():
+            if isinstance(module, QuantLinear):
+                names = list(module.fmt.layout(module.spec))
+                if all(prefix + n in have for n in names):
+                    module.load_neutral_({n: source.get(prefix + n) for n in names})
+                else:
+                    module.quantize_weight_(source.get(prefix + "weight"))
+                if module.bias is not None:
+                    module.bias.copy_(source.get(prefix + "bias"))
+                continue
+            for n, t in local.items():
+                t.copy_(source.get(prefix + n))
