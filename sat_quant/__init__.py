@@ -4,12 +4,15 @@ Public API (see README.md):
 - flags: ``add_quant_args``, ``validate_quant_args``
 - config: ``QuantConfig``
 - building: ``get_model`` (drop-in for SAT's), ``quantize_`` (an already built model), ``linear_weights_on_meta``
+- checkpoints: ``save_checkpoint``, ``from_pretrained`` (SAT layout, safetensors, atomic, verified)
 - layers: ``QuantLinear``, ``QuantColumnParallelLinear``, ``QuantRowParallelLinear``
 - report: ``quant_report``, ``QuantReport``
 - CPU helpers: ``apply_cpu_compat``, ``install_xformers_cpu_fallback``
 """
 from .args import add_quant_args, get_args, validate_quant_args
-from .build import get_model, linear_weights_on_meta, quantize_
+from .build import get_model, linear_weights_on_meta, quantize_, quantized_class
+from .checkpoint import CheckpointError, save_checkpoint
+from .loading import from_pretrained
 from .config import QuantConfig
 from .errors import QuantBackendError, QuantConfigError, QuantError
 from .formats import FORMATS, get_format
@@ -27,7 +30,7 @@ def __getattr__(name):  # the CPU compat layer imports xformers lazily; keep `im
     raise AttributeError(name)
 
 
-__all__ = ["add_quant_args", "get_args", "validate_quant_args", "get_model", "quantize_", "linear_weights_on_meta",
+__all__ = ["save_checkpoint", "from_pretrained", "CheckpointError", "add_quant_args", "get_args", "validate_quant_args", "get_model", "quantize_", "quantized_class", "linear_weights_on_meta",
            "QuantConfig", "QuantError", "QuantConfigError", "QuantBackendError", "FORMATS", "get_format",
            "QuantLinear", "QuantColumnParallelLinear", "QuantRowParallelLinear", "QuantMixin", "QuantReport",
            "quant_report", "apply_cpu_compat", "install_xformers_cpu_fallback", "__version__"]

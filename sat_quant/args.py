@@ -7,6 +7,7 @@ parsers, which already define ``--quant`` (existing options are left alone).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional
 
@@ -37,6 +38,8 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--quant-backend", type=str, choices=list(BACKEND_CHOICES), default="auto",
         help="kernel backend; auto picks the fastest that runs on the device")
     add("--quant-lm-head", action="store_true", default=False, help="also quantize the LM head")
+    # Not typed by users: SAT's save_checkpoint dumps it into model_config.json as the "quantization" block.
+    add("--quantization", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -52,6 +55,10 @@ def target_device(args: argparse.Namespace) -> torch.device:
 
 def config_from_args(args: argparse.Namespace) -> Optional[QuantConfig]:
     """The QuantConfig the flags describe, or None when no quantization was asked for."""
+    block = getattr(args, "quantization", None)
+    if isinstance(block, dict) and block:  # restored from a quantized checkpoint's model_config.json
+        from .checkpoint import config_from_block
+        return config_from_block(block)
     bits = getattr(args, "quant", None)
     fmt = getattr(args, "quant_format", None)
     if bits is None and fmt is None:

@@ -156,8 +156,9 @@ def quantize_(model: nn.Module, config: QuantConfig, *, device=None,
             else:
                 weight.normal_(0.0, init_std)
         if planned.spec is None:  # stays full precision; a meta weight must become real
-            if module.weight.is_meta:
-                module.weight = nn.Parameter(weight.to(fp_dtype), requires_grad=module.weight.requires_grad)
+            if module.weight.is_meta:  # assigned through _parameters: an active meta hook must not catch it
+                module._parameters["weight"] = nn.Parameter(weight.to(fp_dtype),
+                                                            requires_grad=module.weight.requires_grad)
             continue
         layer = _quant_layer_for(module, planned.spec, config.backend, dev)
         layer.quantize_weight_(weight)
@@ -197,6 +198,9 @@ def get_model(args: argparse.Namespace, model_cls, **kwargs) -> nn.Module:
 def build_quantized(args: argparse.Namespace, model_cls, config: QuantConfig, **kwargs) -> nn.Module:
     """Build ``model_cls(args)`` quantized per ``config`` (see ``get_model``)."""
     from sat.helpers import check_if_zero3, print_rank0
+    if model_cls in _QUANTIZED_CLASSES.values():  # it quantizes itself inside SAT's own get_model
+        from sat.model.base_model import get_model as sat_get_model
+        return sat_get_model(args, model_cls, **kwargs)
     if check_if_zero3(args):
         raise QuantConfigError("--quant cannot be combined with ZeRO stage 3 (it partitions the float weights "
                                "sat_quant replaces); use --zero-stage 0/1/2.")
@@ -212,6 +216,8 @@ def build_quantized(args: argparse.Namespace, model_cls, config: QuantConfig, **
         model.bfloat16()
     model.to(device)
     attach_quant_mixin(model, config)
+    from .checkpoint import quantization_block
+    args.quantization = quantization_block(model, config)  # SAT's save_checkpoint writes it to model_config.json
     if device.type == "cpu":
         from .compat import apply_cpu_compat, install_xformers_cpu_fallback
         apply_cpu_compat(model)
@@ -227,3 +233,40 @@ def attach_quant_mixin(model: nn.Module, config: QuantConfig) -> None:
     from .mixin import QuantMixin
     if isinstance(model, BaseModel) and "quant" not in model.mixins:
         model.add_mixin("quant", QuantMixin(config))
+
+
+_QUANTIZED_CLASSES: Dict[type, type] = {}
+
+
+def quantized_class(model_cls: type) -> type:
+    """A subclass of a SAT model class that builds itself quantized when its args ask for it.
+
+    Lets SAT's own entry points produce quantized models unchanged: ``get_model(args, cls)``,
+    ``cls.from_pretrained(path)`` (SAT reads the ``quantization`` block of model_config.json into
+    args) and ``training_main(args, model_cls=cls)``. Without ``--quant`` (or a block) it builds the
+    plain model. Registered in SAT's model registry as ``Quantized<Name>``.
+    """
+    if model_cls in _QUANTIZED_CLASSES:
+        return _QUANTIZED_CLASSES[model_cls]
+
+    def __init__(self, args, *rest, **kwargs):
+        config = validate_quant_args(args)
+        if config is None:
+            model_cls.__init__(self, args, *rest, **kwargs)
+            return
+        with linear_weights_on_meta():
+            model_cls.__init__(self, args, *rest, **kwargs)
+        init_std = None if getattr(args, "skip_init", False) else DEFAULT_INIT_STD
+        self.quant_report = quantize_(self, config, device="cpu", init_std=init_std)  # SAT's get_model moves it
+        attach_quant_mixin(self, config)
+        from .checkpoint import quantization_block
+        args.quantization = quantization_block(self, config)
+        if target_device(args).type == "cpu":
+            from .compat import apply_cpu_compat, install_xformers_cpu_fallback
+            apply_cpu_compat(self)
+            install_xformers_cpu_fallback()
+
+    cls = type(model_cls)(f"Quantized{model_cls.__name__}", (model_cls,),
+                          {"__init__": __init__, "__module__": __name__, "__doc__": quantized_class.__doc__})
+    _QUANTIZED_CLASSES[model_cls] = cls
+    return cls

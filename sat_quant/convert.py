@@ -1,0 +1,173 @@
+"""Offline jobs on checkpoint directories: convert (fp → quantized), dequantize, inspect."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .checkpoint import (CheckpointError, TensorSource, checkpoint_tensor_path, describe_block, load_into,
+                         read_latest, read_manifest, read_model_config, save_checkpoint, state_file)
+from .config import QuantConfig
+from .formats import get_format
+from .loading import _model_class, fill_script_defaults
+
+# keys sat_quant adds to model_config.json; a dequantized checkpoint drops them
+QUANT_KEYS = ("quant", "quant_format", "quant_group_size", "quant_skip", "quant_plan", "quant_backend",
+              "quant_lm_head", "quantization")
+
+
+def import_modules(names: Optional[List[str]]) -> None:
+    """``--import utils.models``: register model classes (e.g. CogVLMModel) in SAT's registry."""
+    for name in names or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise CheckpointError(f"--import {name} failed: {exc}. Put the module's folder on PYTHONPATH "
+                                  f"(e.g. the CogVLM checkout) and try again.") from None
+
+
+def _prepare_destination(dst: str, overwrite: bool) -> None:
+    if os.path.exists(dst) and os.listdir(dst):
+        if not overwrite:
+            raise CheckpointError(f"{dst} already exists and is not empty; pass --overwrite to replace it "
+                                  f"or choose another destination.")
+
+
+def _args_for(model_config: Dict[str, Any], cls, src: str) -> argparse.Namespace:
+    from sat.arguments import update_args_with_file
+    args = update_args_with_file(cls.get_args(), os.path.join(src, "model_config.json"))
+    args.skip_init, args.device, args.mode = True, "cpu", "inference"
+    fill_script_defaults(args)
+    args.fp16 = bool(getattr(args, "fp16", False))
+    args.bf16 = bool(getattr(args, "bf16", False))
+    return args
+
+
+def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[str]] = None,
+            overwrite: bool = False, progress: bool = True) -> str:
+    """Quantize the full-precision SAT checkpoint ``src`` into a sat_quant checkpoint at ``dst``.
+
+    The model is built quantized on meta, then each weight is quantized as it is read from the
+    memory-mapped source: the full-precision model is never materialised.
+    """
+    import_modules(imports)
+    config.validate()
+    model_config = read_model_config(src)
+    if model_config.get("quantization"):
+        raise CheckpointError(f"{src} is already quantized ({describe_block(model_config['quantization'])}); "
+                              f"convert the full-precision checkpoint, or `sat-quant dequantize` it first.")
+    if int(model_config.get("model_parallel_size", 1)) != 1:
+        raise CheckpointError(f"{src} was saved with model_parallel_size={model_config['model_parallel_size']}; "
+                              f"convert supports model-parallel size 1 sources (merge it first with SAT's "
+                              f"from_pretrained(..., overwrite_args={{'model_parallel_size': 1}})).")
+    _prepare_destination(dst, overwrite)
+    cls = _model_class(None, model_config, src)
+    args = _args_for(model_config, cls, src)
+    iteration = read_latest(src)
+    source = TensorSource(checkpoint_tensor_path(src, iteration, 0))
+    from .build import build_quantized
+    model = build_quantized(args, cls, config)
+    load_into(model, _ProgressSource(source, enabled=progress))
+    save_checkpoint(model, dst, args=args, iteration=iteration, overwrite=overwrite)
+    return dst
+
+
+class _ProgressSource:
+    """A TensorSource that advances a tqdm bar by the bytes of each tensor read."""
+
+    def __init__(self, source: TensorSource, enabled: bool) -> None:
+        from tqdm import tqdm
+        self.source, self.path = source, source.path
+        total = sum(_numel(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in source.layout().values())
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="quantizing", disable=not enabled)
+
+    def layout(self):
+        return self.source.layout()
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.source.get(name)
+        self.bar.update(t.numel() * t.element_size())
+        return t
+
+
+def dequantize(src: str, dst: str, *, imports: Optional[List[str]] = None, overwrite: bool = False,
+               dtype: Optional[torch.dtype] = None) -> str:
+    """Write a full-precision SAT checkpoint (plain ``.pt``, SAT's layout) from a quantized one."""
+    import_modules(imports)
+    _prepare_destination(dst, overwrite)
+    from .layers import QuantLinear
+    from .loading import from_pretrained
+    model, args = from_pretrained(None, src)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state[name] = tensor
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            pre = prefix + "."
+            for n in module.fmt.layout(module.spec):
+                state.pop(pre + n, None)
+            state[pre + "weight"] = module.weight.to(dtype)
+    iteration = read_latest(src)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, str(iteration)))
+    torch.save({"module": state}, os.path.join(tmp, str(iteration), "mp_rank_00_model_states.pt"))
+    config = {k: v for k, v in read_model_config(src).items() if k not in QUANT_KEYS}
+    import json
+    with open(os.path.join(tmp, "model_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(tmp, "latest"), "w") as f:
+        f.write(str(iteration))
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst
+
+
+def inspect_checkpoint(path: str) -> str:
+    """A table per quantized layer (format, bits, group, bytes) and the totals, read from the files only."""
+    model_config = read_model_config(path)
+    iteration = read_latest(path)
+    manifest = read_manifest(path, iteration, 0)
+    block = (manifest or {}).get("quantization") or model_config.get("quantization") or {"layers": {}}
+    if manifest is not None:
+        table = {k: (tuple(v["shape"]), v["dtype"]) for k, v in manifest["tensors"].items()}
+        nbytes = {k: _numel(shape) * torch.empty((), dtype=getattr(torch, dt)).element_size()
+                  for k, (shape, dt) in table.items()}
+    else:
+        source = TensorSource(checkpoint_tensor_path(path, iteration, 0))
+        nbytes = {k: _numel(shape) * torch.empty((), dtype=dt).element_size()
+                  for k, (shape, dt) in source.layout().items()}
+    lines = [f"{path}: model_class {model_config.get('model_class')}, iteration {iteration}, "
+             f"{describe_block(block) if block['layers'] else 'not quantized'}",
+             f"{'layer':<64}{'format':>8}{'bits':>6}{'group':>7}{'bytes':>14}"]
+    quant_bytes = 0
+    quant_tensors = set()
+    for name, layer in block["layers"].items():
+        fmt = get_format(layer["format"])
+        keys = [f"{name}.{n}" for n in ("qweight", "scale", "offset", "absmax") if f"{name}.{n}" in nbytes]
+        size = sum(nbytes[k] for k in keys)
+        quant_tensors.update(keys)
+        quant_bytes += size
+        lines.append(f"{name:<64}{fmt.name:>8}{fmt.bits:>6}{str(layer.get('group_size') or '-'):>7}{size:>14,}")
+    other = sum(v for k, v in nbytes.items() if k not in quant_tensors)
+    lines.append(f"{'quantized layers: ' + str(len(block['layers'])):<64}{'':>21}{quant_bytes:>14,}")
+    lines.append(f"{'full-precision tensors':<64}{'':>21}{other:>14,}")
+    lines.append(f"{'total':<64}{'':>21}{quant_bytes + other:>14,}")
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+__all__ = ["convert", "dequantize", "inspect_checkpoint", "import_modules", "state_file"]

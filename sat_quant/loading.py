@@ -1,0 +1,120 @@
+"""``from_pretrained``: SAT's ``from_pretrained`` for quantized models, without a full-precision copy.
+
+- a sat_quant checkpoint (quantization block in model_config.json): built on meta with exactly the
+  saved layer formats, then filled with the packed tensors (no ``--quant`` needed);
+- a full-precision checkpoint plus ``--quant``: built quantized, then each weight is quantized as it
+  is read from the memory-mapped ``.pt`` / ``.safetensors``;
+- anything else: SAT's own path.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from torch import nn
+
+from .args import config_from_args, validate_quant_args
+from .build import build_quantized
+from .checkpoint import (CheckpointError, TensorSource, checkpoint_tensor_path, config_from_block,
+                         describe_block, model_parallel_rank, read_latest, read_manifest, read_model_config,
+                         verify_tensor_file)
+from .config import QuantConfig
+from .errors import QuantConfigError
+
+
+def _model_class(model_cls, model_config: Dict[str, Any], path: str):
+    if model_cls is not None:
+        return model_cls
+    from sat.model.registry import model_registry
+    name = model_config.get("model_class")
+    if isinstance(name, str) and name.startswith("Quantized") and name not in model_registry.member:
+        name = name[len("Quantized"):]  # saved by a quantized_class(): rebuild from its base class
+    try:
+        return model_registry.get(name)
+    except ValueError:
+        raise CheckpointError(f"{path}/model_config.json names model_class {name!r}, which SAT does not know; "
+                              f"import the module that defines it first (sat-quant: --import MODULE).") from None
+
+
+def fill_script_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what SAT scripts put in their namespace and some models (CogVLM's EVA tower) read while building."""
+    for key, value in dict(world_size=1, rank=0, local_rank=0, deepspeed=None, use_gpu_initialization=False,
+                           seed=1234, mode="inference").items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+def _check_contradiction(user: Optional[QuantConfig], block: Dict[str, Any], path: str) -> None:
+    """Passing --quant flags that disagree with what a quantized checkpoint holds is an error."""
+    if user is None:
+        return
+    saved = config_from_block(block, where=f"{path}/model_config.json")
+    saved_cfg = block["config"]
+    mismatched = []
+    if user.bits != saved_cfg.get("bits"):
+        mismatched.append(f"--quant {user.bits}")
+    if user.format != saved_cfg.get("format"):
+        mismatched.append(f"--quant-format {user.format}")
+    if user.group_size is not None and user.group_size != saved_cfg.get("group_size"):
+        mismatched.append(f"--quant-group-size {user.group_size}")
+    if mismatched:
+        raise QuantConfigError(f"{path} is already quantized to {describe_block(block)}, but "
+                               f"{', '.join(mismatched)} was asked for. Drop the --quant flags to load it as "
+                               f"saved, or convert the full-precision checkpoint again with the new settings.")
+    del saved
+
+
+def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = None, *,
+                    overwrite_args: Optional[Dict[str, Any]] = None, verify: bool = True,
+                    **kwargs) -> Tuple[nn.Module, argparse.Namespace]:
+    """Load a SAT checkpoint directory, quantized or full precision (+ ``--quant``), into a quantized model.
+
+    Same contract as SAT's ``Model.from_pretrained(name, args, overwrite_args=...)``: returns
+    ``(model, args)`` with args updated from model_config.json. ``model_cls=None`` picks the class
+    named in model_config.json (as SAT's ``AutoModel`` does). Checkpoints are read with
+    safetensors or ``torch.load(weights_only=True, mmap=True)``; nothing pickled is executed.
+    On any error the partly built model is dropped: nothing half-loaded is returned.
+    """
+    path = name
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory; sat_quant loads local SAT checkpoint directories "
+                              f"only (it never downloads).")
+    model_config = read_model_config(path)
+    iteration = read_latest(path)
+    rank, _ = model_parallel_rank()
+    manifest = read_manifest(path, iteration, rank)
+    block = (manifest or {}).get("quantization") or model_config.get("quantization")
+    user_config = config_from_args(args) if args is not None else None
+    if block:
+        _check_contradiction(user_config, block, path)
+
+    from sat.arguments import overwrite_args_by_dict, update_args_with_file
+    base_args = copy.copy(args) if args is not None else None
+    cls = _model_class(model_cls, model_config, path)
+    if base_args is None:
+        base_args = cls.get_args()
+    new_args = update_args_with_file(base_args, os.path.join(path, "model_config.json"))
+    new_args = overwrite_args_by_dict(new_args, overwrite_args=dict(overwrite_args or {}))
+    new_args.skip_init = True  # every weight comes from the checkpoint
+    fill_script_defaults(new_args)
+
+    new_args.quantization = block or None  # the manifest's block is authoritative for this iteration
+    config = validate_quant_args(new_args)
+    if config is None:
+        from sat.model.base_model import get_model as sat_get_model
+        from sat.training.model_io import load_checkpoint
+        model = sat_get_model(new_args, cls, **kwargs)
+        load_checkpoint(model, new_args, load_path=path)
+        return model, new_args
+
+    tensor_path = checkpoint_tensor_path(path, iteration, rank)
+    if manifest is not None:
+        verify_tensor_file(tensor_path, manifest, checksum=verify)
+    source = TensorSource(tensor_path)
+    model = build_quantized(new_args, cls, config, **kwargs)
+    from .checkpoint import load_into
+    load_into(model, source)
+    return model, new_args
