@@ -39,6 +39,35 @@ def _dequantize(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(ns: argparse.Namespace) -> int:
+    from collections import OrderedDict
+
+    from .args import validate_quant_args
+    from .config import QuantConfig
+    from .convert import import_modules
+    from .loading import _model_class, fill_script_defaults
+    from .memory import estimate_table
+    import json
+    import_modules(ns.imports)
+    try:
+        with open(ns.config) as f:
+            model_config = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QuantConfigError(f"--config {ns.config}: cannot read it as JSON ({exc}).") from None
+    cls = _model_class(None, model_config, ns.config)
+    from sat.arguments import update_args_with_file
+    args = fill_script_defaults(update_args_with_file(cls.get_args(), ns.config))
+    args.skip_init, args.device, args.fp16, args.bf16 = True, "cpu", False, False
+    columns = OrderedDict([("fp16", None), ("bf16", None), ("int8", QuantConfig(bits=8)), ("int4", QuantConfig(bits=4))])
+    asked = validate_quant_args(ns)
+    if asked is not None:
+        columns["asked"] = asked
+    table, _ = estimate_table(cls, args, columns, batch=ns.batch, seq=ns.seq)
+    print(f"{model_config.get('model_class')}: batch {ns.batch}, sequence {ns.seq}")
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sat-quant", description="Quantization for SwissArmyTransformer models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     deq.add_argument("--import", dest="imports", action="append", default=[])
     deq.add_argument("--overwrite", action="store_true")
     deq.set_defaults(func=_dequantize)
+
+    est = sub.add_parser("estimate", help="memory by component for fp16/bf16/int8/int4 (and --quant ...), built on meta")
+    est.add_argument("--config", required=True, help="a SAT model_config.json (e.g. configs/cogvlm-chat-17b.json)")
+    est.add_argument("--import", dest="imports", action="append", default=[])
+    est.add_argument("--batch", type=int, default=1)
+    est.add_argument("--seq", type=int, default=2048)
+    add_quant_args(est)
+    est.set_defaults(func=_estimate, fp16=False, bf16=False, device="cpu")
     return parser
 
 

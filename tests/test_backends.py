@@ -90,3 +90,19 @@ def test_cuda_kernels_match_reference(fmt_name, backend_name):
     y = backend.linear(x, fmt, spec, kernel)
     ref = BACKENDS["reference"].linear(x.float(), fmt, spec, neutral)
     assert (y.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt_name", ["int8", "int4", "nf4", "fp4"])
+@pytest.mark.parametrize("n,k,group", [(48, 96, 32), (200, 320, 64), (1, 64, 32), (130, 1024, 256)])
+def test_odd_shapes_run_on_the_auto_backend_and_match_reference(fmt_name, n, k, group):
+    """Shapes no kernel tiles evenly: auto either runs a kernel that handles them or falls back to reference."""
+    fmt = get_format(fmt_name)
+    spec = fmt.spec(n, k, group_size=group)
+    neutral = fmt.quantize(weights("adversarial" if n > 5 else "random", n, k), spec)
+    backend = select_backend("auto", fmt, spec, "cpu")
+    kernel = backend.prepare(fmt, spec, neutral)
+    x = torch.randn(3, k)
+    ref = BACKENDS["reference"].linear(x, fmt, spec, neutral)
+    y = backend.linear(x, fmt, spec, kernel)
+    assert (y - ref).abs().max() <= RTOL.get(backend.name, {torch.float32: 1e-5})[torch.float32] * ref.abs().max() + 1e-6
+    assert all(torch.equal(v, neutral[key]) for key, v in backend.to_neutral(fmt, spec, kernel).items())

@@ -151,3 +151,13 @@ def test_cogvlm_round_trip(tmp_path):
     assert torch.equal(run_logits(loaded.eval(), inputs), expected)
     layers = json.load(open(os.path.join(dst, "model_config.json")))["quantization"]["layers"]
     assert any(".vit_model." in n for n in layers) and any("linear_proj" in n for n in layers)
+
+
+def test_full_precision_checkpoint_with_quant_streams_into_a_quantized_model(fp_models, fp_checkpoints):
+    """from_pretrained(fp checkpoint, --quant 4) quantizes each weight as it is read from the mmapped .pt."""
+    _, state, inputs, _ = fp_models["gpt2"]
+    expected = run_logits(quantize_in_memory("gpt2", state, QuantConfig(bits=4)), inputs)
+    model, args = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], fp_checkpoints["gpt2"],
+                                            args=sat_args("gpt2", quant=4))
+    assert torch.equal(run_logits(model.eval(), inputs), expected)
+    assert args.quantization["config"]["format"] == "int4"
