@@ -216,8 +216,7 @@ def build_quantized(args: argparse.Namespace, model_cls, config: QuantConfig, **
         model.bfloat16()
     model.to(device)
     attach_quant_mixin(model, config)
-    from .checkpoint import quantization_block
-    args.quantization = quantization_block(model, config)  # SAT's save_checkpoint writes it to model_config.json
+    record_in_args(args, model, config)
     if device.type == "cpu":
         from .compat import apply_cpu_compat, install_xformers_cpu_fallback
         apply_cpu_compat(model)
@@ -225,6 +224,16 @@ def build_quantized(args: argparse.Namespace, model_cls, config: QuantConfig, **
     print_rank0(f"sat_quant: {config.format} ({config.bits}-bit) model built\n{report.table()}")
     model.quant_report = report
     return model
+
+
+def record_in_args(args: argparse.Namespace, model: nn.Module, config: QuantConfig) -> None:
+    """Write the effective settings back into args: SAT's save_checkpoint dumps them (QuantMixin declares
+    the flags) into model_config.json, with the per-layer ``quantization`` block."""
+    from .checkpoint import quantization_block
+    args.quant, args.quant_format, args.quant_group_size = config.bits, config.format, config.group_size
+    args.quant_skip, args.quant_backend = list(config.skip), config.backend
+    args.quant_lm_head = config.quantize_lm_head
+    args.quantization = quantization_block(model, config)
 
 
 def attach_quant_mixin(model: nn.Module, config: QuantConfig) -> None:
@@ -259,8 +268,7 @@ def quantized_class(model_cls: type) -> type:
         init_std = None if getattr(args, "skip_init", False) else DEFAULT_INIT_STD
         self.quant_report = quantize_(self, config, device="cpu", init_std=init_std)  # SAT's get_model moves it
         attach_quant_mixin(self, config)
-        from .checkpoint import quantization_block
-        args.quantization = quantization_block(self, config)
+        record_in_args(args, self, config)
         if target_device(args).type == "cpu":
             from .compat import apply_cpu_compat, install_xformers_cpu_fallback
             apply_cpu_compat(self)

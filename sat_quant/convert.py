@@ -88,8 +88,8 @@ class _ProgressSource:
     def layout(self):
         return self.source.layout()
 
-    def get(self, name: str) -> torch.Tensor:
-        t = self.source.get(name)
+    def get(self, name: str, **kwargs) -> torch.Tensor:
+        t = self.source.get(name, **kwargs)
         self.bar.update(t.numel() * t.element_size())
         return t
 

@@ -29,6 +29,7 @@ class QuantLinear(nn.Module):
         self.in_features = spec.in_features
         self.out_features = spec.out_features
         self.backend_request = backend
+        self.compute_dtype = bias_dtype  # the model's float dtype: what .weight returns
         device = torch.device(device if device is not None else "cpu")
         neutral = {name: torch.zeros(shape, dtype=dtype, device=device)
                    for name, (shape, dtype) in self.fmt.layout(spec).items()}
@@ -74,15 +75,19 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """Dequantized weight, for code that reads ``.weight`` directly (slow: prefer calling the layer)."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return self.fmt.dequantize(self.neutral_tensors(), self.spec, dtype=dtype)
+        return self.fmt.dequantize(self.neutral_tensors(), self.spec, dtype=self.compute_dtype)
 
     def quantized_nbytes(self) -> int:
         return self.fmt.nbytes(self.spec)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        target = fn(torch.empty(0, device=self._device)).device  # where `fn` sends tensors; dtype casts ignored
+        # Learn what `fn` does from a probe: its device move applies to the packed tensors; a float cast
+        # (.half(), .bfloat16()) only changes the dtype .weight reports. float64 tells "no cast" apart.
+        probe = fn(torch.empty(0, dtype=torch.float64, device=self._device))
+        if probe.dtype != torch.float64 and probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        target = probe.device
         if target != self._device:
             self._set_neutral({k: v.to(target) for k, v in self.neutral_tensors().items()})
         return self

@@ -58,7 +58,9 @@ def test_scales_survive_model_half_and_bfloat16(fmt_name, cast):
     for key, tensor in before.items():
         assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
     dtype = torch.float16 if cast == "half" else torch.bfloat16
-    assert layer.bias.dtype == dtype
+    assert layer.bias.dtype == dtype and layer.weight.dtype == dtype
+    container.to("cpu")  # a device move keeps the dtype .weight reports
+    assert layer.weight.dtype == dtype
     x = torch.randn(3, 256)
     y = container(x.to(dtype))
     assert y.dtype == dtype

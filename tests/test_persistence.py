@@ -161,3 +161,33 @@ def test_full_precision_checkpoint_with_quant_streams_into_a_quantized_model(fp_
                                             args=sat_args("gpt2", quant=4))
     assert torch.equal(run_logits(model.eval(), inputs), expected)
     assert args.quantization["config"]["format"] == "int4"
+
+
+def test_both_sat_save_paths_dump_the_quant_args_and_block(fp_models):
+    """SAT's inference save and its deepspeed save (save_ds_checkpoint) both write model_config.json from
+    extract_model_specific_args_to_dump, which collects every module's add_model_specific_args."""
+    from sat.training.model_io import extract_model_specific_args_to_dump
+    args = sat_args("llama", quant=8, quant_skip=["*.dense"], skip_init=True)
+    model = sat_quant.get_model(args, SAT_MODELS["llama"][0])
+    dumped = extract_model_specific_args_to_dump(args, model)
+    assert dumped["quant"] == 8 and dumped["quant_format"] == "int8" and dumped["quant_skip"] == ["*.dense"]
+    block = dumped["quantization"]
+    assert block["format_version"] == 1 and block["config"]["format"] == "int8"
+    assert set(block["layers"]) == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert not any(n.endswith(".dense") for n in block["layers"])
+
+
+def test_cli_convert_cogvlm_with_import(tmp_path):
+    fp_model, fp_args = build_tiny_cogvlm()
+    src = save_fp_with_sat(fp_model, fp_args, tmp_path / "fp")
+    env = dict(os.environ, PYTHONPATH=str(COGVLM_DIR), WANDB_MODE="disabled")
+    r = subprocess.run([sys.executable, "-m", "sat_quant.cli", "convert", src, str(tmp_path / "q"), "--quant", "8",
+                        "--import", "utils.models", "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "sat_quant.cli", "inspect", str(tmp_path / "q")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert "model_class CogVLMModel" in r.stdout and "mixins.eva.linear_proj.linear_proj" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "sat_quant.cli", "convert", src, str(tmp_path / "q2"), "--quant", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, WANDB_MODE="disabled"))
+    assert r.returncode == 2 and "CogVLMModel" in r.stderr and "--import" in r.stderr
