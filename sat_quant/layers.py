@@ -162,6 +162,18 @@ class QuantRowParallelLinear(QuantLinear):
         self.input_is_parallel = input_is_parallel
         self.final_bias = final_bias
 
+    def quantize_weight_(self, weight: torch.Tensor) -> None:
+        """Per-row formats use the absmax of the *whole* row (max over model-parallel ranks), so shards share
+        scales: results equal model-parallel size 1, and shards merge or split without requantizing."""
+        from sat import mpu
+        if self.fmt.grouped or not torch.distributed.is_initialized() or mpu.get_model_parallel_world_size() == 1:
+            return super().quantize_weight_(weight)
+        absmax = weight.detach().float().abs().amax(dim=1).to(self._device)
+        torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX, group=mpu.get_model_parallel_group())
+        with torch.no_grad():
+            neutral = self.fmt.quantize(weight.to(self._device), self.spec, row_absmax=absmax)
+        self._set_neutral(neutral)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from sat.mpu import get_model_parallel_world_size
         from sat.mpu.mappings import reduce_from_model_parallel_region, scatter_to_model_parallel_region

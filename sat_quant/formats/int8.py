@@ -5,7 +5,7 @@ Neutral tensors: ``qweight`` int8 [out, in], ``scale`` float32 [out]. This is ex
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -21,9 +21,11 @@ class Int8PerChannel(WeightFormat):
         return {"qweight": ((spec.out_features, spec.in_features), torch.int8),
                 "scale": ((spec.out_features,), torch.float32)}
 
-    def quantize(self, weight: torch.Tensor, spec: LayerSpec) -> Dict[str, torch.Tensor]:
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec,
+                 row_absmax: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``row_absmax`` overrides the rows' absmax: a row-parallel shard passes the whole row's."""
         w = weight.detach().float()
-        scale = w.abs().amax(dim=1) / 127.0
+        scale = (w.abs().amax(dim=1) if row_absmax is None else row_absmax.float()) / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero row: any scale reproduces it
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return {"qweight": q.contiguous(), "scale": scale.contiguous()}

@@ -1,0 +1,121 @@
+"""Model-parallel partitions of full-precision and quantized tensors: split and merge without dequantizing.
+
+Mirrors SAT's ``partition``/``merge`` of ``ColumnParallelLinear`` (rows, honouring ``stride`` for fused
+QKV), ``RowParallelLinear`` (input columns) and ``VocabParallelEmbedding`` (rows), for every tensor a
+quantized layer holds: packed codes and per-row or per-group scales split along the same axis as the
+weight. Row-parallel 4-bit codes split on byte boundaries and groups never straddle a partition (the
+layer spec already requires ``group_size`` to divide the partition's input size).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, TensorSource
+from .layers import QuantColumnParallelLinear, QuantRowParallelLinear
+
+Stride = Union[int, Sequence[int]]
+Kind = Tuple[str, Stride]  # ("column" | "row" | "vocab", stride)
+
+
+def _strides(stride: Stride) -> List[int]:
+    return [1] * stride if isinstance(stride, int) else list(stride)
+
+
+def tensor_kinds(model: nn.Module) -> Dict[str, Kind]:
+    """Name → how that tensor is partitioned across model-parallel ranks (absent: replicated)."""
+    from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    kinds: Dict[str, Kind] = {}
+    for prefix, module in model.named_modules():
+        pre = prefix + "." if prefix else ""
+        if isinstance(module, (ColumnParallelLinear, QuantColumnParallelLinear)):
+            names = ["weight", "bias"]
+            if isinstance(module, QuantColumnParallelLinear):
+                names += list(module.fmt.layout(module.spec))
+            kinds.update({pre + n: ("column", module.stride) for n in names})
+        elif isinstance(module, (RowParallelLinear, QuantRowParallelLinear)):
+            names = ["weight"]
+            if isinstance(module, QuantRowParallelLinear):
+                names += [n for n in module.fmt.layout(module.spec) if module.fmt.grouped or n == "qweight"]
+                if not module.fmt.grouped:  # per-row scales cover the whole row: identical on every rank
+                    kinds[pre + "scale"] = ("row-replicated", 1)
+            kinds.update({pre + n: ("row", 1) for n in names})
+        elif isinstance(module, VocabParallelEmbedding):
+            kinds[pre + "weight"] = ("vocab", 1)
+    return kinds
+
+
+def split(t: torch.Tensor, kind: Kind, parts: int) -> List[torch.Tensor]:
+    """One tensor → ``parts`` partitions, as SAT's ``partition`` would cut the weight it belongs to."""
+    how, stride = kind
+    if parts == 1 or how == "row-replicated":
+        return [t] * parts
+    if how == "row":
+        if t.shape[1] % parts:
+            raise CheckpointError(f"cannot split {t.shape[1]} input columns into {parts} model-parallel parts")
+        return list(torch.chunk(t, parts, dim=1))
+    strides = _strides(stride if how == "column" else 1)
+    if t.shape[0] % (sum(strides) * parts):
+        raise CheckpointError(f"cannot split {t.shape[0]} rows into {parts} parts with stride {stride}")
+    factor = t.shape[0] // sum(strides)
+    blocks, start = [], 0
+    for s in strides:
+        blocks.append(t[start:start + factor * s])
+        start += factor * s
+    return [torch.cat([b.chunk(parts, dim=0)[r] for b in blocks], dim=0).contiguous() for r in range(parts)]
+
+
+def merge(shards: Sequence[torch.Tensor], kind: Kind) -> torch.Tensor:
+    """Inverse of ``split``: partitions of one tensor → the full tensor."""
+    how, stride = kind
+    if len(shards) == 1:
+        return shards[0]
+    if how == "row-replicated":
+        if not all(torch.equal(shards[0], s) for s in shards[1:]):
+            raise CheckpointError("row-parallel int8 shards carry different per-row scales (not written by "
+                                  "sat_quant's model-parallel quantization); re-convert from full precision.")
+        return shards[0]
+    if how == "row":
+        return torch.cat(list(shards), dim=1)
+    strides = _strides(stride if how == "column" else 1)
+    rows = shards[0].shape[0]
+    factor = rows // sum(strides)
+    pieces, start = [], 0
+    for s in strides:
+        pieces += [sh[start:start + factor * s] for sh in shards]
+        start += factor * s
+    return torch.cat(pieces, dim=0).contiguous()
+
+
+class ReshardedSource:
+    """Tensors of an mp=m checkpoint served as rank ``rank`` of mp=n, one tensor at a time."""
+
+    def __init__(self, sources: Sequence[TensorSource], kinds: Dict[str, Kind], rank: int, world: int) -> None:
+        self.sources, self.kinds, self.rank, self.world = list(sources), kinds, rank, world
+        self.path = ", ".join(s.path for s in self.sources)
+        self._layout: Optional[Dict] = None
+
+    def layout(self):
+        if self._layout is None:
+            first = self.sources[0].layout()
+            layout = {}
+            m, n = len(self.sources), self.world
+            for name, (shape, dtype) in first.items():
+                how = self.kinds.get(name, (None, 1))[0]
+                shape = list(shape)
+                if how in ("column", "vocab"):
+                    shape[0] = shape[0] * m // n
+                elif how == "row":
+                    shape[1] = shape[1] * m // n
+                layout[name] = (tuple(shape), dtype)
+            self._layout = layout
+        return self._layout
+
+    def get(self, name: str, **kwargs) -> torch.Tensor:
+        kind = self.kinds.get(name)
+        if kind is None:
+            return self.sources[0].get(name, **kwargs)
+        full = merge([s.get(name, **kwargs) for s in self.sources], kind)
+        return split(full, kind, self.world)[self.rank].clone()
