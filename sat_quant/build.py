@@ -149,7 +149,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, device=None,
         dev = torch.device(device) if device is not None else (
             module.bias.device if module.bias is not None else torch.device("cpu"))
         weight = module.weight
-        if weight.is_meta:
+        if weight.is_meta and (init_std is not None or planned.spec is None):
             weight = torch.empty(weight.shape, dtype=torch.float32, device=dev)
             if init_std is None:
                 weight.zero_()
@@ -161,7 +161,8 @@ def quantize_(model: nn.Module, config: QuantConfig, *, device=None,
                                                             requires_grad=module.weight.requires_grad)
             continue
         layer = _quant_layer_for(module, planned.spec, config.backend, dev)
-        layer.quantize_weight_(weight)
+        if not weight.is_meta:  # a meta weight with no init stays as the layer's zeros: a checkpoint fills it
+            layer.quantize_weight_(weight)
         for name in planned.names:
             _set_submodule(model, name, layer)
         planned.module = None  # drop our reference so the float weight is freed now, not at the end

@@ -10,16 +10,21 @@ Layout (``docs/FORMAT.md``)::
     {dir}/{it}/mp_rank_XX_model_states.pt           stub, so SAT's tools find the checkpoint (and an
                                                     unpatched SAT load fails naming sat_quant)
 
-Saving writes into a temporary directory, fsyncs, renames it into place and updates ``latest``
-last, so a killed or failed save leaves the previous checkpoint loadable. Loading verifies the
-manifest, checks every tensor's name, shape and dtype before touching the model, and reads the
-tensors one at a time (re-opening the memory map every ``_REMAP_BYTES`` so mapped pages do not
-accumulate in the resident set).
+Saving writes into a temporary directory, fsyncs, then moves it into place in one atomic step
+(a rename, or a ``renameat2(RENAME_EXCHANGE)`` swap when an iteration is overwritten) and updates
+``latest`` last, so a killed or failed save leaves the previous checkpoint loadable. Each
+iteration's manifest also carries its own copy of model_config.json's content, so a save killed
+between replacing model_config.json and ``latest`` cannot pair an old iteration with a new config.
+Loading verifies the manifest, checks every tensor's name, shape and dtype before touching the
+model, and reads the tensors one at a time into memory of their own (re-opening the memory map
+every ``_REMAP_BYTES`` so mapped pages do not accumulate in the resident set).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +40,7 @@ from .layers import QuantLinear
 
 FORMAT_VERSION = 1
 STUB_KEY = "SAT_QUANT_CHECKPOINT__load_it_with_sat_quant.from_pretrained"
-_REMAP_BYTES = 64 * 2**20
+_REMAP_BYTES = 16 * 2**20
 
 
 class CheckpointError(QuantError, RuntimeError):
@@ -174,21 +179,90 @@ def _sha256(path: str) -> str:
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # a failed write (e.g. ENOSPC) leaves no .tmp file behind
+            os.unlink(tmp)
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # kernel or filesystem without RENAME_EXCHANGE
+    raise OSError(err, os.strerror(err), b)
+
+
+def _commit_iteration(tmp_dir: str, final_dir: str, single_writer: bool) -> None:
+    """Move the finished files of ``tmp_dir`` to ``final_dir`` so that a reader sees all old or all new files.
+
+    One writer: a rename (new iteration) or an atomic swap of the two folders (overwrite; other files of
+    the old folder, e.g. SAT's optimizer states, are hard-linked over first); ``tmp_dir`` then holds the
+    old files. Several model-parallel ranks share the folder, so each moves its own files one by one.
+    """
+    if single_writer:
+        if not os.path.exists(final_dir):
+            os.rename(tmp_dir, final_dir)
+            return
+        ours = set(os.listdir(tmp_dir))
+        others = [n for n in os.listdir(final_dir) if n not in ours]
+        if all(os.path.isfile(os.path.join(final_dir, n)) and not os.path.islink(os.path.join(final_dir, n))
+               for n in others):
+            try:
+                for n in others:
+                    os.link(os.path.join(final_dir, n), os.path.join(tmp_dir, n))
+                if _exchange(tmp_dir, final_dir):
+                    return
+            except OSError:
+                pass  # no hard links or no exchange here: move the files one by one below
+            for n in others:
+                if os.path.exists(os.path.join(tmp_dir, n)):
+                    os.unlink(os.path.join(tmp_dir, n))
+    os.makedirs(final_dir, exist_ok=True)
+    for name in sorted(os.listdir(tmp_dir)):  # per-rank files: other ranks' files stay untouched
+        os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, however it arrives: OSError, or safetensors' SafetensorError text ('... (os error 28)')."""
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return True
+    text = str(exc)
+    return f"(os error {errno.ENOSPC})" in text or os.strerror(errno.ENOSPC) in text
+
+
+def _save_errors() -> Tuple[type, ...]:
+    """Exception types a failed write raises: OSError, safetensors' own error, torch.save's RuntimeError."""
+    try:
+        from safetensors import SafetensorError
+        return (OSError, RuntimeError, SafetensorError)
+    except ImportError:
+        return (OSError, RuntimeError)
 
 
 def _write_tensor_file(path: str, tensors: Dict[str, torch.Tensor]) -> None:
@@ -203,6 +277,9 @@ def _write_tensor_file(path: str, tensors: Dict[str, torch.Tensor]) -> None:
         seen_ptrs.add(t.data_ptr())
         clean[name] = t
     save_file(clean, path, metadata={"format": "pt", "producer": "sat_quant"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates 0600; follow the umask like every other file we write
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -236,7 +313,7 @@ def save_checkpoint(model: nn.Module, save_dir: str, *, args: Optional[argparse.
     """
     if iteration <= 0:
         raise CheckpointError(f"iteration must be positive (SAT's 'latest' needs it), got {iteration}")
-    rank, _ = model_parallel_rank()
+    rank, world = model_parallel_rank()
     os.makedirs(save_dir, exist_ok=True)
     final_dir = os.path.join(save_dir, str(iteration))
     if os.path.exists(state_file(save_dir, iteration, rank, ".safetensors")) and not overwrite:
@@ -246,6 +323,8 @@ def save_checkpoint(model: nn.Module, save_dir: str, *, args: Optional[argparse.
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     block = quantization_block(model)
+    config = model_config_dict(model, args)
+    committed = False
     try:
         stem = os.path.join(tmp_dir, f"mp_rank_{rank:02d}_model_states")
         tensors = {}
@@ -255,32 +334,46 @@ def save_checkpoint(model: nn.Module, save_dir: str, *, args: Optional[argparse.
         table = {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
                  for name, t in tensors.items()}
         del tensors
+        # this iteration's own copy of model_config.json (less the block, stored next to it): the loader
+        # trusts it over model_config.json, which a save killed before 'latest' may already have replaced
         manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "rank": rank,
                     "file": os.path.basename(stem) + ".safetensors",
                     "bytes": os.path.getsize(stem + ".safetensors"), "sha256": _sha256(stem + ".safetensors"),
-                    "tensors": table, "quantization": block}
+                    "tensors": table, "quantization": block,
+                    "model_config": {k: v for k, v in config.items() if k != "quantization"}}
         _write_json_atomic(stem + ".manifest.json", manifest)
         torch.save({"module": {STUB_KEY: torch.zeros(0)}, "sat_quant_format_version": FORMAT_VERSION},
                    stem + ".pt")
         _fsync_dir(tmp_dir)
-        os.makedirs(final_dir, exist_ok=True)
-        for name in sorted(os.listdir(tmp_dir)):  # per-rank files: other ranks' files stay untouched
-            os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+        _commit_iteration(tmp_dir, final_dir, single_writer=world == 1)
+        committed = True
         _fsync_dir(final_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        why = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
-        raise CheckpointError(f"saving to {final_dir} failed: {why}. Nothing was replaced: the previous "
-                              f"checkpoint in {save_dir} (if any) is still the one 'latest' names.") from exc
+        _fsync_dir(save_dir)
+    except _save_errors() as exc:
+        raise _save_failed(exc, final_dir, save_dir, committed) from exc
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # a temporary folder, or the old files an overwrite swapped out
     _barrier()
     if rank == 0:
-        _write_json_atomic(os.path.join(save_dir, "model_config.json"), model_config_dict(model, args))
-        _write_text_atomic(os.path.join(save_dir, "latest"), str(iteration))
-        _fsync_dir(save_dir)
+        try:
+            _write_json_atomic(os.path.join(save_dir, "model_config.json"), config)
+            _write_text_atomic(os.path.join(save_dir, "latest"), str(iteration))
+            _fsync_dir(save_dir)
+        except OSError as exc:
+            raise _save_failed(exc, final_dir, save_dir, committed=True) from exc
     _barrier()
     return final_dir
+
+
+def _save_failed(exc: BaseException, final_dir: str, save_dir: str, committed: bool) -> CheckpointError:
+    why = "the disk is full" if _is_disk_full(exc) else f"{getattr(exc, 'strerror', None) or exc}"
+    if not committed:
+        return CheckpointError(f"saving to {final_dir} failed: {why}. Nothing was replaced: the previous "
+                               f"checkpoint in {save_dir} (if any) is still the one 'latest' names; free "
+                               f"space (or fix the cause) and save again.")
+    return CheckpointError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
+                           f"{save_dir}/latest names a complete checkpoint (the previous iteration, or this one "
+                           f"when it was overwritten); free space (or fix the cause) and save again.")
 
 
 def _barrier() -> None:
@@ -325,9 +418,14 @@ def read_manifest(load_dir: str, iteration: int, rank: int) -> Optional[Dict[str
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is corrupted ({exc}); restore it or re-save the checkpoint.") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported by this sat_quant (it reads "
+                              f"version {FORMAT_VERSION}); upgrade sat_quant or re-convert the checkpoint.")
+    return manifest
 
 
 def verify_tensor_file(path: str, manifest: Dict[str, Any], checksum: bool = True) -> None:
@@ -370,15 +468,32 @@ class TensorSource:
     def layout(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         return self._shapes
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, *, owned: bool = True) -> torch.Tensor:
+        """The tensor ``name``; with ``owned`` (default) in memory of its own, never a view of the file's map.
+
+        ``owned=False`` may return a view of the memory map (it pins the map while referenced): for a
+        caller that copies it right away (``param.copy_``), saving a temporary copy.
+        """
         if self._handle is None:
-            return self._state[name]
+            t = self._state[name]
+            return t.clone() if owned else t
+        shape, dtype = self._shapes[name]
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if self._mapped_bytes and self._mapped_bytes + nbytes > _REMAP_BYTES:
+            self._remap()
+        # safetensors' tensors are views of its memory map: one kept by the model (an int4 scale, a
+        # whole int8 qweight) would pin the map, and every page touched through it, for good
         t = self._handle.get_tensor(name)
-        self._mapped_bytes += t.numel() * t.element_size()
-        if self._mapped_bytes > _REMAP_BYTES:  # drop the map: touched file pages otherwise stay resident
-            self._handle = self._open()
-            self._mapped_bytes = 0
+        if owned:
+            t = t.clone()
+        self._mapped_bytes += nbytes
         return t
+
+    def _remap(self) -> None:
+        """Drop the memory map (file pages touched through it otherwise stay resident) and open a new one."""
+        self._handle = None
+        self._handle = self._open()
+        self._mapped_bytes = 0
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -393,12 +508,16 @@ def _st_dtype(name: str) -> torch.dtype:
 def _torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
     """A SAT .pt, memory-mapped and with weights_only=True: a pickle that would run code is refused."""
     import pickle
+    import zipfile
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        # files from torch < 1.6 (legacy format) cannot be memory-mapped; weights_only holds for them too
+        sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        detail = next((l.strip() for l in lines if "Unsupported" in l), lines[0] if lines else "")
         raise CheckpointError(f"{path} contains pickled code or objects that are not plain tensors; sat_quant "
                               f"loads checkpoints with weights_only=True and refuses it. Re-save it from "
-                              f"trusted code as a plain state dict. ({str(exc).splitlines()[0]})") from None
+                              f"trusted code as a plain state dict. ({detail})") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({exc}); it may be truncated.") from None
     if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
@@ -460,16 +579,25 @@ def load_into(model: nn.Module, source: TensorSource, *, strict: bool = True) ->
                               "\n  ".join(sorted(set(problems))[:15]) +
                               "\nCheck that the model class and its sizes (model_config.json) match the checkpoint, "
                               "and that the quantization block describes these tensors.")
-    for module, prefix, local in iter_module_tensors(model):
-        with torch.no_grad():
-            if isinstance(module, QuantLinear):
-                names = list(module.fmt.layout(module.spec))
-                if all(prefix + n in have for n in names):
-                    module.load_neutral_({n: source.get(prefix + n) for n in names})
-                else:
-                    module.quantize_weight_(source.get(prefix + "weight"))
-                if module.bias is not None:
-                    module.bias.copy_(source.get(prefix + "bias"))
+    from .build import release_freed_memory
+    seen = set()
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            if id(module) in seen:
                 continue
-            for n, t in local.items():
-                t.copy_(source.get(prefix + n))
+            seen.add(id(module))
+            pre = prefix + "." if prefix else ""
+            if isinstance(module, QuantLinear):  # neutral_tensors() is not needed here (it would unpack int4)
+                names = list(module.fmt.layout(module.spec))
+                if all(pre + n in have for n in names):
+                    module.load_neutral_({n: source.get(pre + n) for n in names})
+                else:
+                    module.quantize_weight_(source.get(pre + "weight"))
+                release_freed_memory()  # the replaced kernel tensors and repack temporaries, back to the OS
+            for n, p in module._parameters.items():
+                if p is not None:
+                    p.copy_(source.get(pre + n, owned=False))
+            for n, b in module._buffers.items():
+                if b is not None and n not in module._non_persistent_buffers_set:
+                    b.copy_(source.get(pre + n, owned=False))
+    release_freed_memory()

@@ -17,9 +17,8 @@ from torch import nn
 
 from .args import config_from_args, validate_quant_args
 from .build import build_quantized
-from .checkpoint import (CheckpointError, TensorSource, checkpoint_tensor_path, config_from_block,
-                         describe_block, model_parallel_rank, read_latest, read_manifest, read_model_config,
-                         verify_tensor_file)
+from .checkpoint import (CheckpointError, config_from_block, describe_block, load_into, model_parallel_rank,
+                         read_latest, read_manifest, read_model_config, state_file)
 from .config import QuantConfig
 from .errors import QuantConfigError
 
@@ -67,6 +66,13 @@ def _check_contradiction(user: Optional[QuantConfig], block: Dict[str, Any], pat
     del saved
 
 
+def _update_args_with_config(args: argparse.Namespace, config: Dict[str, Any], folder: str) -> argparse.Namespace:
+    """SAT's ``update_args_with_file`` for a config already read: its keys win, ``*_path`` is relative to ``folder``."""
+    config = {k: (os.path.join(folder, v) if k.endswith("_path") else v) for k, v in config.items()}
+    rest = {k: v for k, v in vars(args).items() if k not in config}
+    return argparse.Namespace(**config, **rest)
+
+
 def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = None, *,
                     overwrite_args: Optional[Dict[str, Any]] = None, verify: bool = True,
                     **kwargs) -> Tuple[nn.Module, argparse.Namespace]:
@@ -86,17 +92,26 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
     iteration = read_latest(path)
     rank, _ = model_parallel_rank()
     manifest = read_manifest(path, iteration, rank)
+    block_file = os.path.join(path, "model_config.json")
+    if manifest is not None and manifest.get("quantization"):
+        block_file = state_file(path, iteration, rank, ".manifest.json")
     block = (manifest or {}).get("quantization") or model_config.get("quantization")
+    if manifest is not None and isinstance(manifest.get("model_config"), dict):
+        # this iteration's own config: model_config.json may already describe a newer save that was
+        # killed before it could update 'latest'
+        model_config = dict(manifest["model_config"], quantization=block)
+    if block:
+        config_from_block(block, where=block_file)  # an unreadable block is named by its file, first
     user_config = config_from_args(args) if args is not None else None
     if block:
         _check_contradiction(user_config, block, path)
 
-    from sat.arguments import overwrite_args_by_dict, update_args_with_file
+    from sat.arguments import overwrite_args_by_dict
     base_args = copy.copy(args) if args is not None else None
     cls = _model_class(model_cls, model_config, path)
     if base_args is None:
         base_args = cls.get_args()
-    new_args = update_args_with_file(base_args, os.path.join(path, "model_config.json"))
+    new_args = _update_args_with_config(base_args, model_config, path)
     new_args = overwrite_args_by_dict(new_args, overwrite_args=dict(overwrite_args or {}))
     new_args.skip_init = True  # every weight comes from the checkpoint
     fill_script_defaults(new_args)
@@ -110,11 +125,10 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
         load_checkpoint(model, new_args, load_path=path)
         return model, new_args
 
-    tensor_path = checkpoint_tensor_path(path, iteration, rank)
-    if manifest is not None:
-        verify_tensor_file(tensor_path, manifest, checksum=verify)
-    source = TensorSource(tensor_path)
+    saved_mp = int(model_config.get("model_parallel_size", 1) or 1)
+    # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
     model = build_quantized(new_args, cls, config, **kwargs)
-    from .checkpoint import load_into
-    load_into(model, source)
+    from .parallel import open_checkpoint_source
+    load_into(model, open_checkpoint_source(path, iteration, saved_mp, model, verify=verify))
+    new_args.model_parallel_size = model_parallel_rank()[1]
     return model, new_args

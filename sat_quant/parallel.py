@@ -119,3 +119,29 @@ class ReshardedSource:
             return self.sources[0].get(name, **kwargs)
         full = merge([s.get(name, **kwargs) for s in self.sources], kind)
         return split(full, kind, self.world)[self.rank].clone()
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def open_checkpoint_source(path: str, iteration: int, saved_mp: int, model: nn.Module, *, verify: bool = True):
+    """The tensor source this rank reads: its own file when the model-parallel size matches the checkpoint's,
+    else every saved shard merged/split to this rank's partition (no dequantization)."""
+    from .checkpoint import (checkpoint_tensor_path, model_parallel_rank, read_manifest, verify_tensor_file)
+    rank, world = model_parallel_rank()
+
+    def open_rank(r: int) -> TensorSource:
+        tensor_path = checkpoint_tensor_path(path, iteration, r)
+        manifest = read_manifest(path, iteration, r)
+        if manifest is not None:
+            verify_tensor_file(tensor_path, manifest, checksum=verify)
+        return TensorSource(tensor_path)
+
+    if saved_mp == world:
+        return open_rank(rank)
+    if not (_power_of_two(saved_mp) and _power_of_two(world)):
+        raise CheckpointError(f"{path} was saved with model-parallel size {saved_mp}; loading it at {world} needs "
+                              f"both to be powers of two (resharding splits or merges partitions evenly). "
+                              f"Use --model-parallel-size {saved_mp}, or a power of two.")
+    return ReshardedSource([open_rank(r) for r in range(saved_mp)], tensor_kinds(model), rank, world)
