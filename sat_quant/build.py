@@ -79,7 +79,12 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> List[PlannedLayer]:
         try:
             planned.spec = config.spec_for(planned.names[0], out_features, in_features)
         except QuantConfigError as exc:
-            errors.append(str(exc))
+            message = str(exc)
+            if isinstance(planned.module, RowParallelLinear) and in_features != planned.module.input_size:
+                message += (f" [a row-parallel layer: this rank holds {in_features} of its {planned.module.input_size} "
+                            f"input columns, and a group may not straddle two ranks; pick a group size that "
+                            f"divides {in_features}]")
+            errors.append(message)
     if errors:
         raise QuantConfigError("cannot quantize this model as asked:\n  " + "\n  ".join(errors[:20]) +
                                (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))

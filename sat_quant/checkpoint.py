@@ -542,6 +542,12 @@ def load_into(model: nn.Module, source: TensorSource, *, strict: bool = True) ->
 
     Full-precision ``weight`` tensors arriving for a quantized layer are quantized as they arrive.
     """
+    check_fits(model, source, strict=strict)
+    fill(model, source)
+
+
+def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -> None:
+    """Raise CheckpointError unless ``source`` holds exactly the tensors ``model`` needs (names, shapes, dtypes)."""
     have = source.layout()
     if STUB_KEY in have:
         raise CheckpointError(f"{source.path} is sat_quant's stub; its tensors are in the .safetensors file next "
@@ -579,7 +585,12 @@ def load_into(model: nn.Module, source: TensorSource, *, strict: bool = True) ->
                               "\n  ".join(sorted(set(problems))[:15]) +
                               "\nCheck that the model class and its sizes (model_config.json) match the checkpoint, "
                               "and that the quantization block describes these tensors.")
+
+
+def fill(model: nn.Module, source: TensorSource) -> None:
+    """Copy every tensor of ``model`` from ``source`` (already checked by ``check_fits``), one module at a time."""
     from .build import release_freed_memory
+    have = source.layout()
     seen = set()
     with torch.no_grad():
         for prefix, module in model.named_modules():

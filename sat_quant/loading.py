@@ -17,7 +17,7 @@ from torch import nn
 
 from .args import config_from_args, validate_quant_args
 from .build import build_quantized
-from .checkpoint import (CheckpointError, config_from_block, describe_block, load_into, model_parallel_rank,
+from .checkpoint import (CheckpointError, config_from_block, describe_block, model_parallel_rank,
                          read_latest, read_manifest, read_model_config, state_file)
 from .config import QuantConfig
 from .errors import QuantConfigError
@@ -128,7 +128,15 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
     saved_mp = int(model_config.get("model_parallel_size", 1) or 1)
     # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
     model = build_quantized(new_args, cls, config, **kwargs)
-    from .parallel import open_checkpoint_source
-    load_into(model, open_checkpoint_source(path, iteration, saved_mp, model, verify=verify))
+    from .checkpoint import check_fits, fill
+    from .parallel import agree_across_ranks, open_checkpoint_source
+
+    def open_and_check():
+        source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
+        check_fits(model, source)
+        return source
+
+    source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
+    fill(model, source)
     new_args.model_parallel_size = model_parallel_rank()[1]
     return model, new_args

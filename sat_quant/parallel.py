@@ -145,3 +145,26 @@ def open_checkpoint_source(path: str, iteration: int, saved_mp: int, model: nn.M
                               f"both to be powers of two (resharding splits or merges partitions evenly). "
                               f"Use --model-parallel-size {saved_mp}, or a power of two.")
     return ReshardedSource([open_rank(r) for r in range(saved_mp)], tensor_kinds(model), rank, world)
+
+
+def agree_across_ranks(step, what: str):
+    """Run ``step()`` on every rank; if it fails anywhere, every rank raises the same error naming the rank.
+
+    Without this, a rank whose file is missing would stop while the others go on into collectives and hang.
+    """
+    error: Optional[str] = None
+    result = None
+    try:
+        result = step()
+    except Exception as exc:  # any failure must reach the other ranks before they block in a collective
+        error = f"{type(exc).__name__}: {exc}"
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            raise
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        errors: List[Optional[str]] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            raise CheckpointError(f"{what} failed on rank(s) {', '.join(str(r) for r, _ in failed)}:\n  " +
+                                  "\n  ".join(f"rank {r}: {e}" for r, e in failed))
+    return result

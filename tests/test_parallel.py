@@ -88,23 +88,25 @@ def torchrun(script: str, *argv: str, timeout: int = 120) -> subprocess.Complete
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def test_model_parallel_quantize_save_load_reshard(fp_models, tmp_path):
-    """mp=2 under torchrun: each rank quantizes its partition of a full-precision checkpoint, saves mp=2
-    shards, reloads them, and reshards an mp=1 quantized checkpoint; mp=1 merges the mp=2 shards."""
-    from sat.training.model_io import save_checkpoint as sat_save
-    from sat_quant.convert import convert
-    fp_model, state, inputs, _ = fp_models["gpt2"]
-    fp_args = sat_args("gpt2")
-    fp_args.save, fp_args.mode = str(tmp_path / "fp"), "inference"
-    sat_save(1, fp_model, None, None, fp_args)
-    convert(str(tmp_path / "fp"), str(tmp_path / "q1"), QuantConfig(bits=4), progress=False)
-    reference, _ = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], str(tmp_path / "q1"))
-    expected = run_logits(reference.eval(), inputs)
-
+@pytest.fixture(scope="module")
+def mp_run(fp_models, tmp_path_factory):
+    """One torchrun of tests/mp_worker.py: fp checkpoint → mp=2 quantized, saved, reloaded; mp=1 → mp=2."""
+    tmp_path = tmp_path_factory.mktemp("mp")
+    fp_dir, q1_dir = _mp_fixture(fp_models, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    r = torchrun("mp_worker.py", str(tmp_path / "fp"), str(tmp_path / "q1"), str(out))
+    r = torchrun("mp_worker.py", fp_dir, q1_dir, str(out))
     assert r.returncode == 0, r.stderr[-4000:]
+    return q1_dir, out
+
+
+def test_model_parallel_quantize_save_load_reshard(fp_models, mp_run):
+    """mp=2 under torchrun: each rank quantizes its partition of a full-precision checkpoint, saves mp=2
+    shards, reloads them, and reshards an mp=1 quantized checkpoint; mp=1 merges the mp=2 shards."""
+    _, _, inputs, _ = fp_models["gpt2"]
+    q1_dir, out = mp_run
+    reference, _ = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], q1_dir)
+    expected = run_logits(reference.eval(), inputs)
     fp_to_mp2 = torch.load(out / "fp_to_mp2.pt")
     # partitions hold exactly mp=1's codes and scales; only the matmul is split (bf16 activations, all-reduce)
     assert ((fp_to_mp2 - expected).norm() / expected.norm()).item() < 0.02
@@ -118,3 +120,47 @@ def test_model_parallel_quantize_save_load_reshard(fp_models, tmp_path):
                                                     overwrite_args={"model_parallel_size": 1})
     assert merged_args.model_parallel_size == 1
     assert torch.equal(run_logits(merged.eval(), inputs), expected)
+
+
+def test_model_parallel_bad_inputs_fail_on_every_rank_without_hanging(mp_run, tmp_path):
+    import shutil
+    out = mp_run[1]
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "q-mp2", broken)
+    for name in os.listdir(broken / "1"):
+        if name.startswith("mp_rank_01"):
+            os.remove(broken / "1" / name)
+    r = torchrun("mp_bad_worker.py", str(broken), str(tmp_path), timeout=90)
+    assert r.returncode == 0, r.stderr[-4000:]
+    texts = [(tmp_path / f"rank{k}.txt").read_text() for k in (0, 1)]
+    for text in texts:
+        group, missing = text.split("\n---\n")
+        assert "not divisible by group size 256" in group and "row-parallel layer" in group
+        assert "failed on rank(s) 1" in missing and "mp_rank_01_model_states" in missing
+    assert texts[0].split("\n---\n")[1] == texts[1].split("\n---\n")[1], "every rank raises the same error"
+
+
+def _mp_fixture(fp_models, tmp_path):
+    from sat.training.model_io import save_checkpoint as sat_save
+    from sat_quant.convert import convert
+    fp_model = fp_models["gpt2"][0]
+    fp_args = sat_args("gpt2")
+    fp_args.save, fp_args.mode = str(tmp_path / "fp"), "inference"
+    sat_save(1, fp_model, None, None, fp_args)
+    convert(str(tmp_path / "fp"), str(tmp_path / "q1"), QuantConfig(bits=4), progress=False)
+    return str(tmp_path / "fp"), str(tmp_path / "q1")
+
+
+def test_resharding_to_a_size_that_is_not_a_power_of_two_is_refused(fp_models, tmp_path):
+    import json
+    _, q1 = _mp_fixture(fp_models, tmp_path)
+    config_path = os.path.join(q1, "model_config.json")
+    config = json.load(open(config_path))
+    config["model_parallel_size"] = 3
+    json.dump(config, open(config_path, "w"))
+    manifest_path = os.path.join(q1, "1", "mp_rank_00_model_states.manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest.setdefault("model_config", {})["model_parallel_size"] = 3
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(sat_quant.CheckpointError, match="model-parallel size 3.*powers of two"):
+        sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], q1, overwrite_args={"model_parallel_size": 1})
