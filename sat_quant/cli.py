@@ -39,6 +39,13 @@ def _dequantize(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _reshard(ns: argparse.Namespace) -> int:
+    from .convert import reshard
+    reshard(ns.src, ns.dst, ns.mp, imports=ns.imports, overwrite=ns.overwrite)
+    print(f"wrote {ns.dst} with model-parallel size {ns.mp}")
+    return 0
+
+
 def _estimate(ns: argparse.Namespace) -> int:
     from collections import OrderedDict
 
@@ -97,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     deq.add_argument("--import", dest="imports", action="append", default=[])
     deq.add_argument("--overwrite", action="store_true")
     deq.set_defaults(func=_dequantize)
+
+    rsh = sub.add_parser("reshard", help="rewrite a checkpoint for another model-parallel size (no dequantizing)")
+    rsh.add_argument("src")
+    rsh.add_argument("dst")
+    rsh.add_argument("--mp", type=int, required=True, help="target model-parallel size (a power of two)")
+    rsh.add_argument("--import", dest="imports", action="append", default=[])
+    rsh.add_argument("--overwrite", action="store_true")
+    rsh.set_defaults(func=_reshard)
 
     est = sub.add_parser("estimate", help="memory by component for fp16/bf16/int8/int4 (and --quant ...), built on meta")
     est.add_argument("--config", required=True, help="a SAT model_config.json (e.g. configs/cogvlm-chat-17b.json)")

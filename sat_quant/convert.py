@@ -171,3 +171,90 @@ def _numel(shape) -> int:
 
 
 __all__ = ["convert", "dequantize", "inspect_checkpoint", "import_modules", "state_file"]
+
+
+def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[List[str]] = None,
+            overwrite: bool = False) -> str:
+    """Write ``src`` (any model-parallel size) as ``model_parallel_size`` shards at ``dst``, offline.
+
+    Packed tensors are split/merged as they are (never dequantized); one target rank is in memory at a time.
+    """
+    import json
+
+    from .checkpoint import (FORMAT_VERSION, STUB_KEY, _sha256, _write_tensor_file, config_from_block,
+                             read_manifest, verify_tensor_file)
+    from .memory import build_on_meta
+    from .parallel import ReshardedSource, _power_of_two, tensor_kinds
+    import_modules(imports)
+    _prepare_destination(dst, overwrite)
+    model_config = read_model_config(src)
+    iteration = read_latest(src)
+    manifest0 = read_manifest(src, iteration, 0) or {}
+    block = manifest0.get("quantization") or model_config.get("quantization")
+    saved = int(model_config.get("model_parallel_size", 1) or 1)
+    if not (_power_of_two(saved) and _power_of_two(model_parallel_size)):
+        raise CheckpointError(f"cannot reshard {src} from model-parallel size {saved} to {model_parallel_size}: "
+                              f"both must be powers of two.")
+    cls = _model_class(None, model_config, src)
+    args = _args_for(model_config, cls, src)
+    args.model_parallel_size = 1
+    meta = build_on_meta(cls, args, torch.float32)  # module types and strides at full size, no memory
+    kinds = tensor_kinds(meta)
+    for name, layer in (block or {}).get("layers", {}).items():  # the packed tensors of quantized layers
+        module = meta.get_submodule(name)
+        kind = kinds.get(name + ".weight")
+        if kind is None:
+            continue
+        fmt = get_format(layer["format"])
+        for tensor in ("qweight", "scale", "offset", "absmax"):
+            per_row_scale = kind[0] == "row" and not fmt.grouped and tensor == "scale"
+            kinds[f"{name}.{tensor}"] = ("row-replicated", 1) if per_row_scale else kind
+        del module
+
+    sources = []
+    for r in range(saved):
+        path = checkpoint_tensor_path(src, iteration, r)
+        manifest = read_manifest(src, iteration, r)
+        if manifest is not None:
+            verify_tensor_file(path, manifest, checksum=True)
+        sources.append(TensorSource(path))
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, str(iteration)))
+    new_config = dict(model_config, model_parallel_size=model_parallel_size)
+    new_block = None
+    if block:
+        new_block = json.loads(json.dumps(block))
+        for name, layer in new_block["layers"].items():
+            kind = kinds.get(name + ".weight", (None, 1))[0]
+            out_f, in_f = layer["shape"]
+            if kind == "column":
+                layer["shape"] = [out_f * saved // model_parallel_size, in_f]
+            elif kind == "row":
+                layer["shape"] = [out_f, in_f * saved // model_parallel_size]
+        config_from_block(new_block)
+        new_config["quantization"] = new_block
+    for rank in range(model_parallel_size):
+        resharded = ReshardedSource(sources, kinds, rank, model_parallel_size)
+        tensors = {name: resharded.get(name) for name in resharded.layout()}
+        stem = state_file(tmp, iteration, rank, "")
+        _write_tensor_file(stem + ".safetensors", tensors)
+        manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "rank": rank,
+                    "file": os.path.basename(stem) + ".safetensors", "bytes": os.path.getsize(stem + ".safetensors"),
+                    "sha256": _sha256(stem + ".safetensors"),
+                    "tensors": {n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
+                                for n, t in tensors.items()},
+                    "quantization": new_block,
+                    "model_config": {k: v for k, v in new_config.items() if k != "quantization"}}
+        with open(stem + ".manifest.json", "w") as f:
+            json.dump(manifest, f, indent=2)
+        torch.save({"module": {STUB_KEY: torch.zeros(0)}, "sat_quant_format_version": FORMAT_VERSION}, stem + ".pt")
+        del tensors
+    with open(os.path.join(tmp, "model_config.json"), "w") as f:
+        json.dump(new_config, f, indent=2)
+    with open(os.path.join(tmp, "latest"), "w") as f:
+        f.write(str(iteration))
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)  # the destination appears complete or not at all
+    return dst

@@ -164,3 +164,26 @@ def test_resharding_to_a_size_that_is_not_a_power_of_two_is_refused(fp_models, t
     json.dump(manifest, open(manifest_path, "w"))
     with pytest.raises(sat_quant.CheckpointError, match="model-parallel size 3.*powers of two"):
         sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], q1, overwrite_args={"model_parallel_size": 1})
+
+
+def test_offline_reshard_cli_matches_torchrun_shards(fp_models, mp_run, tmp_path):
+    """`sat-quant reshard`: mp=1 → 2 gives the shards the two torchrun ranks wrote; 2 → 1 loads bitwise."""
+    from safetensors.torch import load_file
+    _, _, inputs, _ = fp_models["gpt2"]
+    q1_dir, out = mp_run
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sat_quant.cli", "reshard", *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=300)
+    r = run(q1_dir, str(tmp_path / "to2"), "--mp", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        ours = load_file(tmp_path / "to2" / "1" / f"mp_rank_{rank:02d}_model_states.safetensors")
+        theirs = load_file(out / "q-mp2" / "1" / f"mp_rank_{rank:02d}_model_states.safetensors")
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    r = run(str(out / "q-mp2"), str(tmp_path / "to1"), "--mp", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged, args = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], str(tmp_path / "to1"))
+    reference, _ = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], q1_dir)
+    assert args.model_parallel_size == 1
+    assert torch.equal(run_logits(merged.eval(), inputs), run_logits(reference.eval(), inputs))
+    r = run(q1_dir, str(tmp_path / "to3"), "--mp", "3")
+    assert r.returncode == 2 and "powers of two" in r.stderr
