@@ -9,8 +9,6 @@ plain ``nn.Linear`` (CogVLM's GLU adapter).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import functools
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import torch
 from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from ._libc import libc
 from .args import target_device, validate_quant_args
 from .config import QuantConfig
 from .errors import QuantConfigError
@@ -115,21 +114,24 @@ def _quant_layer_for(module: nn.Module, spec: LayerSpec, backend: str, device: t
     return layer
 
 
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
+_TRIM_EVERY_BYTES = 16 * 2**20
+_freed_since_trim = 0
 
 
-def release_freed_memory() -> None:
-    """Return freed heap pages to the OS. glibc keeps each layer's freed float temporaries in its
-    heap, which made peak RSS of a quantized build 3-4x the quantized size (tests/test_memory.py)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+def release_freed_memory(freed_bytes: int = _TRIM_EVERY_BYTES) -> None:
+    """Return freed heap pages to the OS once 16 MB of freed bytes have piled up since the last trim.
+
+    glibc keeps each layer's freed temporaries in its heap, which made the peak RSS of a quantized
+    build 3-4x the quantized size (tests/test_memory.py); a trim costs ~1-3 ms, so it is batched.
+    """
+    global _freed_since_trim
+    _freed_since_trim += freed_bytes
+    if _freed_since_trim < _TRIM_EVERY_BYTES:
+        return
+    _freed_since_trim = 0
+    trim = getattr(libc(), "malloc_trim", None)  # glibc only; elsewhere nothing to trim
+    if trim is not None:
+        trim(0)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -171,8 +173,9 @@ def quantize_(model: nn.Module, config: QuantConfig, *, device=None,
         for name in planned.names:
             _set_submodule(model, name, layer)
         planned.module = None  # drop our reference so the float weight is freed now, not at the end
+        if not weight.is_meta:
+            release_freed_memory(4 * weight.numel())  # the float weight and its quantization temporaries
         del weight, module
-        release_freed_memory()
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]
     if leftovers:
         raise RuntimeError(f"parameters still on the meta device after quantization: {leftovers[:5]}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._libc import libc
 from .config import QuantConfig
 from .errors import QuantConfigError, QuantError
 from .layers import QuantLinear
@@ -196,17 +196,9 @@ def _write_text_atomic(path: str, text: str) -> None:
         raise
 
 
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    renameat2 = getattr(_libc(), "renameat2", None)
+    renameat2 = getattr(libc(), "renameat2", None)
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
@@ -559,11 +551,14 @@ def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -
         if isinstance(module, QuantLinear):
             quant_prefixes[prefix + "." if prefix else ""] = module
     consumed = set()
+    packed = {pre + n for pre, layer in quant_prefixes.items() for n in layer.fmt.layout(layer.spec)}
     for name, (shape, dtype) in want.items():
         if name in have:
             consumed.add(name)
             got_shape, got_dtype = have[name]
-            if got_shape != shape or got_dtype != dtype:
+            # full-precision tensors may change float dtype (copy_ casts, as load_state_dict does); packed ones may not
+            cast_ok = name not in packed and got_dtype.is_floating_point and dtype.is_floating_point
+            if got_shape != shape or (got_dtype != dtype and not cast_ok):
                 problems.append(f"{name}: checkpoint has {list(got_shape)} {got_dtype}, model needs {list(shape)} {dtype}")
             continue
         prefix, _, local = name.rpartition(".")
@@ -604,7 +599,7 @@ def fill(model: nn.Module, source: TensorSource) -> None:
                     module.load_neutral_({n: source.get(pre + n) for n in names})
                 else:
                     module.quantize_weight_(source.get(pre + "weight"))
-                release_freed_memory()  # the replaced kernel tensors and repack temporaries, back to the OS
+                release_freed_memory(4 * module.quantized_nbytes())  # replaced tensors + repack temporaries
             for n, p in module._parameters.items():
                 if p is not None:
                     p.copy_(source.get(pre + n, owned=False))

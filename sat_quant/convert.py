@@ -69,11 +69,20 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
     args = _args_for(model_config, cls, src)
     iteration = read_latest(src)
     source = TensorSource(checkpoint_tensor_path(src, iteration, 0))
+    _match_source_dtype(args, source)
     from .build import build_quantized
     model = build_quantized(args, cls, config)
     load_into(model, _ProgressSource(source, enabled=progress))
     save_checkpoint(model, dst, args=args, iteration=iteration, overwrite=overwrite)
     return dst
+
+
+def _match_source_dtype(args: argparse.Namespace, source: TensorSource) -> None:
+    """Keep the source's float dtype for the tensors that stay full precision (SAT's config does not record it)."""
+    from collections import Counter
+    counts = Counter(dt for _, dt in source.layout().values() if dt.is_floating_point)
+    dtype = counts.most_common(1)[0][0] if counts else torch.float32
+    args.fp16, args.bf16 = dtype == torch.float16, dtype == torch.bfloat16
 
 
 class _ProgressSource:

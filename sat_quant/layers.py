@@ -31,9 +31,9 @@ class QuantLinear(nn.Module):
         self.backend_request = backend
         self.compute_dtype = bias_dtype  # the model's float dtype: what .weight returns
         device = torch.device(device if device is not None else "cpu")
-        neutral = {name: torch.zeros(shape, dtype=dtype, device=device)
-                   for name, (shape, dtype) in self.fmt.layout(spec).items()}
-        self._set_neutral(neutral)
+        self.backend: Backend = select_backend(backend, self.fmt, spec, device)
+        self._kernel = self.backend.zeros(self.fmt, spec, device)  # a checkpoint or quantize_weight_ fills it
+        self._device = device
         if bias:
             self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=bias_dtype, device=device),
                                      requires_grad=False)

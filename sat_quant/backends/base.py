@@ -25,6 +25,11 @@ class Backend(ABC):
         """Neutral tensors → this backend's in-memory layout (default: unchanged)."""
         return dict(neutral)
 
+    def zeros(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> KernelTensors:
+        """Kernel tensors of an all-zero weight: what a layer holds until a checkpoint fills it."""
+        return self.prepare(fmt, spec, {name: torch.zeros(shape, dtype=dtype, device=device)
+                                        for name, (shape, dtype) in fmt.layout(spec).items()})
+
     def to_neutral(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> KernelTensors:
         """Inverse of prepare, exact; derived per-dtype caches (keys starting with '_') are dropped."""
         return {k: v for k, v in kernel.items() if not k.startswith("_")}
