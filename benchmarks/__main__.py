@@ -5,14 +5,25 @@ import argparse
 import datetime
 import os
 
-from . import accuracy, kernels, load
+from . import accuracy, kernels, load, notes
 from .machine import describe
+
+
+def _replace_section(document: str, section: str) -> str:
+    """Swap the '## Title:' section of ``document`` that ``section`` starts with (append it if absent)."""
+    title = section.split("\n", 1)[0].split(":")[0]
+    parts = document.split("\n## ")
+    for i, part in enumerate(parts):
+        if i and ("## " + part).split(":")[0] == title:
+            parts[i] = section[3:].rstrip("\n") + "\n"
+            return "\n## ".join(parts)
+    return document.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-reference", action="store_true", help="skip the slow dequantize-per-call reference rows")
-    parser.add_argument("--only", choices=["accuracy", "kernels", "load"], default=None, help="run one section")
+    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "notes"], default=None, help="run one section")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     ns = parser.parse_args()
     sections = [f"# sat_quant benchmark results\n\nWritten by `python -m benchmarks` on "
@@ -23,8 +34,14 @@ def main() -> None:
         sections.append(load.run())
     if ns.only in (None, "kernels"):
         sections.append(kernels.run(include_reference=not ns.no_reference))
+    if ns.only in (None, "notes"):
+        sections.append(notes.run())
+    if ns.only and os.path.exists(ns.out):  # keep the other sections of an earlier full run
+        sections = _replace_section(open(ns.out).read(), sections[1])
+    else:
+        sections = "\n".join(sections) + "\n"
     with open(ns.out, "w") as f:
-        f.write("\n".join(sections) + "\n")
+        f.write(sections)
     print(f"wrote {ns.out}")
 
 

@@ -1,7 +1,8 @@
 """Load benchmark: a ready 4-bit model (a) from an fp16 checkpoint + quantize, (b) from the quantized checkpoint.
 
-Both in fresh subprocesses on the same ~310M-parameter SAT GPT-2 model; time and peak RSS growth over the
-post-import baseline. The checkpoints are written once, before timing; the page cache is warm for both.
+Both in fresh subprocesses on the same ~310M-parameter SAT GPT-2 model, fp16 for what stays full precision;
+time and peak RSS growth over the post-import baseline (one-time imports done before timing). The
+checkpoints are written once, before timing; the page cache is warm for both.
 """
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ def run(repeats: int = 2) -> str:
              "| path | seconds | peak RSS growth (MiB) |", "|---|---:|---:|",
              f"| (a) fp16 checkpoint + quantize while loading | {a['seconds']:.2f} | {a['peak_growth'] / 2**20:.0f} |",
              f"| (b) quantized checkpoint | {b['seconds']:.2f} | {b['peak_growth'] / 2**20:.0f} |", "",
-             f"(b) is **{a['seconds'] / b['seconds']:.1f}x faster** than (a) (target ≥ 3x) and peaks at "
-             f"{b['peak_growth'] / q_bytes:.2f}x the quantized file size (issue target ≤ 1.2x + 64 MiB).", ""]
+             f"(b) is **{a['seconds'] / b['seconds']:.1f}x faster** than (a) (target ≥ 3x: "
+             f"{'met' if a['seconds'] >= 3 * b['seconds'] else 'missed'}). Its peak RSS growth is "
+             f"{b['peak_growth'] / 2**20:.0f} MiB against a budget of 1.2 x file + 64 MiB = "
+             f"{(1.2 * q_bytes + 64 * 2**20) / 2**20:.0f} MiB "
+             f"({'met' if b['peak_growth'] <= 1.2 * q_bytes + 64 * 2**20 else 'missed'}).", ""]
     print("\n".join(lines))
     return "\n".join(lines)
