@@ -78,10 +78,8 @@ def quantization_block(model: nn.Module, config: Optional[QuantConfig] = None) -
     from . import __version__
     config = config or find_quant_config(model) or QuantConfig()
     layers: Dict[str, Dict[str, Any]] = {}
-    seen = set()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and id(module) not in seen:
-            seen.add(id(module))
+    for name, module in model.named_modules():  # a shared module is listed once, under its first name
+        if isinstance(module, QuantLinear):
             layers[name] = {"format": module.fmt.name, "group_size": module.spec.group_size,
                             "shape": [module.out_features, module.in_features]}
     return {"format_version": FORMAT_VERSION, "sat_quant_version": __version__, "config": config.to_dict(),
@@ -118,45 +116,34 @@ def describe_block(block: Dict[str, Any]) -> str:
 
 # -- tensors of a model, without materialising a full state dict ----------------------------------
 
+def _saved_tensors(module: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """A module's own parameters and persistent buffers: what its state_dict saves besides packed weights."""
+    for n, p in module._parameters.items():
+        if p is not None:
+            yield n, p.detach()
+    for n, b in module._buffers.items():
+        if b is not None and n not in module._non_persistent_buffers_set:
+            yield n, b
+
+
 def iter_module_tensors(model: nn.Module) -> Iterator[Tuple[nn.Module, str, Dict[str, torch.Tensor]]]:
     """(module, prefix, {local name: tensor}) for every module owning saved tensors, one at a time."""
-    seen = set()
-    for prefix, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        pre = prefix + "." if prefix else ""
-        local: Dict[str, torch.Tensor] = {}
-        for n, p in module._parameters.items():
-            if p is not None:
-                local[n] = p.detach()
-        for n, b in module._buffers.items():
-            if b is not None and n not in module._non_persistent_buffers_set:
-                local[n] = b
+    for prefix, module in model.named_modules():  # each module once, even where it is shared
+        local = dict(_saved_tensors(module))
         if isinstance(module, QuantLinear):
             local.update(module.neutral_tensors())
         if local:
-            yield module, pre, local
+            yield module, (prefix + "." if prefix else ""), local
 
 
 def expected_layout(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """Name → (shape, dtype) of every tensor a checkpoint of this model must hold."""
     out: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
-    seen = set()
     for prefix, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
         pre = prefix + "." if prefix else ""
-        for n, p in module._parameters.items():
-            if p is not None:
-                out[pre + n] = (tuple(p.shape), p.dtype)
-        for n, b in module._buffers.items():
-            if b is not None and n not in module._non_persistent_buffers_set:
-                out[pre + n] = (tuple(b.shape), b.dtype)
+        out.update({pre + n: (tuple(t.shape), t.dtype) for n, t in _saved_tensors(module)})
         if isinstance(module, QuantLinear):
-            for n, (shape, dtype) in module.fmt.layout(module.spec).items():
-                out[pre + n] = (tuple(shape), dtype)
+            out.update({pre + n: (tuple(shape), dtype) for n, (shape, dtype) in module.fmt.layout(module.spec).items()})
     return out
 
 
@@ -586,12 +573,8 @@ def fill(model: nn.Module, source: TensorSource) -> None:
     """Copy every tensor of ``model`` from ``source`` (already checked by ``check_fits``), one module at a time."""
     from .build import release_freed_memory
     have = source.layout()
-    seen = set()
     with torch.no_grad():
-        for prefix, module in model.named_modules():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
+        for prefix, module in model.named_modules():  # each module once, even where it is shared
             pre = prefix + "." if prefix else ""
             if isinstance(module, QuantLinear):  # neutral_tensors() is not needed here (it would unpack int4)
                 names = list(module.fmt.layout(module.spec))
@@ -600,10 +583,6 @@ def fill(model: nn.Module, source: TensorSource) -> None:
                 else:
                     module.quantize_weight_(source.get(pre + "weight"))
                 release_freed_memory(4 * module.quantized_nbytes())  # replaced tensors + repack temporaries
-            for n, p in module._parameters.items():
-                if p is not None:
-                    p.copy_(source.get(pre + n, owned=False))
-            for n, b in module._buffers.items():
-                if b is not None and n not in module._non_persistent_buffers_set:
-                    b.copy_(source.get(pre + n, owned=False))
+            for n, t in _saved_tensors(module):
+                t.copy_(source.get(pre + n, owned=False))
     release_freed_memory()

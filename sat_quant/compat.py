@@ -345,7 +345,7 @@ def uninstall_xformers_cpu_fallback() -> bool:
     """Put the original ``xformers.ops.memory_efficient_attention`` back; True if a dispatcher was removed."""
     try:
         import xformers.ops as xops
-    except Exception:
+    except Exception:  # xformers fails to import in many ways (CUDA libs, ABI): then nothing was installed
         return False
     current = xops.memory_efficient_attention
     if not getattr(current, _FALLBACK_FLAG, False):

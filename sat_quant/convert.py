@@ -128,14 +128,19 @@ def dequantize(src: str, dst: str, *, imports: Optional[List[str]] = None, overw
     os.makedirs(os.path.join(tmp, str(iteration)))
     torch.save({"module": state}, os.path.join(tmp, str(iteration), "mp_rank_00_model_states.pt"))
     config = {k: v for k, v in read_model_config(src).items() if k not in QUANT_KEYS}
+    return _publish(tmp, dst, config, iteration)
+
+
+def _publish(tmp: str, dst: str, model_config: Dict[str, Any], iteration: int) -> str:
+    """Finish a checkpoint folder written at ``tmp`` (config, then ``latest``) and move it to ``dst`` whole."""
     import json
     with open(os.path.join(tmp, "model_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(model_config, f, indent=2)
     with open(os.path.join(tmp, "latest"), "w") as f:
         f.write(str(iteration))
     if os.path.exists(dst):
         shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    os.replace(tmp, dst)  # the destination appears complete or not at all
     return dst
 
 
@@ -179,7 +184,7 @@ def _numel(shape) -> int:
     return n
 
 
-__all__ = ["convert", "dequantize", "inspect_checkpoint", "import_modules", "state_file"]
+__all__ = ["convert", "dequantize", "inspect_checkpoint", "import_modules", "reshard"]
 
 
 def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[List[str]] = None,
@@ -210,7 +215,6 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
     meta = build_on_meta(cls, args, torch.float32)  # module types and strides at full size, no memory
     kinds = tensor_kinds(meta)
     for name, layer in (block or {}).get("layers", {}).items():  # the packed tensors of quantized layers
-        module = meta.get_submodule(name)
         kind = kinds.get(name + ".weight")
         if kind is None:
             continue
@@ -218,7 +222,6 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
         for tensor in ("qweight", "scale", "offset", "absmax"):
             per_row_scale = kind[0] == "row" and not fmt.grouped and tensor == "scale"
             kinds[f"{name}.{tensor}"] = ("row-replicated", 1) if per_row_scale else kind
-        del module
 
     sources = []
     for r in range(saved):
@@ -259,11 +262,4 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
             json.dump(manifest, f, indent=2)
         torch.save({"module": {STUB_KEY: torch.zeros(0)}, "sat_quant_format_version": FORMAT_VERSION}, stem + ".pt")
         del tensors
-    with open(os.path.join(tmp, "model_config.json"), "w") as f:
-        json.dump(new_config, f, indent=2)
-    with open(os.path.join(tmp, "latest"), "w") as f:
-        f.write(str(iteration))
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)  # the destination appears complete or not at all
-    return dst
+    return _publish(tmp, dst, new_config, iteration)

@@ -50,7 +50,6 @@ def _check_contradiction(user: Optional[QuantConfig], block: Dict[str, Any], pat
     """Passing --quant flags that disagree with what a quantized checkpoint holds is an error."""
     if user is None:
         return
-    saved = config_from_block(block, where=f"{path}/model_config.json")
     saved_cfg = block["config"]
     mismatched = []
     if user.bits != saved_cfg.get("bits"):
@@ -63,7 +62,6 @@ def _check_contradiction(user: Optional[QuantConfig], block: Dict[str, Any], pat
         raise QuantConfigError(f"{path} is already quantized to {describe_block(block)}, but "
                                f"{', '.join(mismatched)} was asked for. Drop the --quant flags to load it as "
                                f"saved, or convert the full-precision checkpoint again with the new settings.")
-    del saved
 
 
 def _update_args_with_config(args: argparse.Namespace, config: Dict[str, Any], folder: str) -> argparse.Namespace:

@@ -11,7 +11,7 @@ import fnmatch
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -92,11 +92,7 @@ def estimate_weights(model: nn.Module, config: Optional[QuantConfig]) -> Estimat
     if config is not None:
         from .build import plan_layers
         plan = {id(p.module): p.spec for p in plan_layers(model, config)}
-    seen = set()
-    for prefix, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
+    for prefix, module in model.named_modules():  # each module once, even where it is shared
         pre = prefix + "." if prefix else ""
         spec = plan.get(id(module)) if is_target(module) else None
         tensors = [(n, t) for n, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]

@@ -53,10 +53,8 @@ def quant_report(model: nn.Module, full_precision_dtype: torch.dtype = None) -> 
         full_precision_dtype = floats[0] if floats else torch.float32
     fp_bytes = torch.empty((), dtype=full_precision_dtype).element_size()
     report = QuantReport()
-    seen = set()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and id(module) not in seen:
-            seen.add(id(module))
+    for name, module in model.named_modules():  # each module once, even where it is shared
+        if isinstance(module, QuantLinear):
             row = report.rows.setdefault(module.fmt.name, FormatRow())
             n = module.out_features * module.in_features
             row.layers += 1

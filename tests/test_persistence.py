@@ -10,7 +10,7 @@ from sat.training.model_io import save_checkpoint as sat_save_checkpoint
 
 import sat_quant
 from sat_quant import QuantConfig, QuantLinear
-from sat_quant.convert import convert, dequantize, inspect_checkpoint
+from sat_quant.convert import convert
 from tests.cogvlm_fixture import COGVLM_DIR, _cogvlm_model_class, build_tiny_cogvlm, tiny_cogvlm_args, tiny_cogvlm_inputs
 from tests.conftest import SAT_MODELS, run_logits, sat_args
 
