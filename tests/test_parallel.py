@@ -187,3 +187,21 @@ def test_offline_reshard_cli_matches_torchrun_shards(fp_models, mp_run, tmp_path
     assert torch.equal(run_logits(merged.eval(), inputs), run_logits(reference.eval(), inputs))
     r = run(q1_dir, str(tmp_path / "to3"), "--mp", "3")
     assert r.returncode == 2 and "powers of two" in r.stderr
+
+
+def test_tiny_cogvlm_quantized_at_model_parallel_2(tmp_path):
+    """The real CogVLMModel (EVA tower, GLU adapter, visual expert) at mp=2: each rank quantizes its partition."""
+    from sat.training.model_io import save_checkpoint as sat_save
+    from tests.cogvlm_fixture import build_tiny_cogvlm, tiny_cogvlm_args, tiny_cogvlm_inputs
+    fp_model, fp_args = build_tiny_cogvlm()
+    fp_args.save, fp_args.mode = str(tmp_path / "fp"), "inference"
+    sat_save(1, fp_model, None, None, fp_args)
+    # group 64: the tiny EVA MLP has 1920 input columns, 960 per rank (128 would straddle; real CogVLM: 7680)
+    reference, _ = sat_quant.from_pretrained(None, str(tmp_path / "fp"),
+                                             args=tiny_cogvlm_args(quant=4, quant_group_size=64))
+    expected = run_logits(reference.eval(), tiny_cogvlm_inputs())
+    r = torchrun("mp_cogvlm_worker.py", str(tmp_path / "fp"), str(tmp_path), timeout=150)
+    assert r.returncode == 0, r.stderr[-4000:]
+    logits = torch.load(tmp_path / "cogvlm_mp2.pt")
+    # same codes and scales as mp=1 on every partition; the split matmuls and all-reduces only reorder sums
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.02
