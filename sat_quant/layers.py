@@ -115,6 +115,8 @@ class QuantLinear(nn.Module):
             error_msgs.append(f"{prefix[:-1]}: {exc}")
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # training adapters upstream (LoRA): gradients flow through
+            return _QuantMatmul.apply(x, self)
         return self.backend.linear(x, self.fmt, self.spec, self._kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,22 @@ class QuantLinear(nn.Module):
         group = f", group={self.spec.group_size}" if self.spec.group_size else ""
         return (f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}{group}, "
                 f"backend={self.backend.name}, bias={self.bias is not None}")
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """x @ W^T through the layer's kernel; backward gives dL/dx = dL/dy @ W with W dequantized for that call
+    (the weight itself is frozen: it gets no gradient). Weight-only kernels have no backward of their own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return layer.backend.linear(x, layer.fmt, layer.spec, layer._kernel)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        layer = ctx.layer
+        weight = layer.fmt.dequantize(layer.neutral_tensors(), layer.spec, dtype=grad_out.dtype)
+        return grad_out @ weight, None
 
 
 class QuantColumnParallelLinear(QuantLinear):
