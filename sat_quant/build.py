@@ -217,22 +217,28 @@ def build_quantized(args: argparse.Namespace, model_cls, config: QuantConfig, **
     device = target_device(args)
     with linear_weights_on_meta():
         model = model_cls(args, params_dtype=params_dtype, **kwargs)
-    init_std = None if getattr(args, "skip_init", False) else DEFAULT_INIT_STD
-    report = quantize_(model, config, device=device, init_std=init_std)
+    report = _quantize_built(model, args, config, device)
     if getattr(args, "fp16", False):
         model.half()
     elif getattr(args, "bf16", False):
         model.bfloat16()
     model.to(device)
+    print_rank0(f"sat_quant: {config.format} ({config.bits}-bit) model built\n{report.table()}")
+    return model
+
+
+def _quantize_built(model: nn.Module, args: argparse.Namespace, config: QuantConfig, device) -> QuantReport:
+    """What follows a construction under ``linear_weights_on_meta``: quantize (or zero-fill for a checkpoint),
+    attach QuantMixin, record the settings in args, and switch the CPU fallbacks on where the model runs on CPU."""
+    init_std = None if getattr(args, "skip_init", False) else DEFAULT_INIT_STD
+    model.quant_report = quantize_(model, config, device=device, init_std=init_std)
     attach_quant_mixin(model, config)
     record_in_args(args, model, config)
-    if device.type == "cpu":
+    if target_device(args).type == "cpu":
         from .compat import apply_cpu_compat, install_xformers_cpu_fallback
         apply_cpu_compat(model)
         install_xformers_cpu_fallback()
-    print_rank0(f"sat_quant: {config.format} ({config.bits}-bit) model built\n{report.table()}")
-    model.quant_report = report
-    return model
+    return model.quant_report
 
 
 def record_in_args(args: argparse.Namespace, model: nn.Module, config: QuantConfig) -> None:
@@ -274,14 +280,7 @@ def quantized_class(model_cls: type) -> type:
             return
         with linear_weights_on_meta():
             model_cls.__init__(self, args, *rest, **kwargs)
-        init_std = None if getattr(args, "skip_init", False) else DEFAULT_INIT_STD
-        self.quant_report = quantize_(self, config, device="cpu", init_std=init_std)  # SAT's get_model moves it
-        attach_quant_mixin(self, config)
-        record_in_args(args, self, config)
-        if target_device(args).type == "cpu":
-            from .compat import apply_cpu_compat, install_xformers_cpu_fallback
-            apply_cpu_compat(self)
-            install_xformers_cpu_fallback()
+        _quantize_built(self, args, config, device="cpu")  # SAT's get_model moves it to args.device after
 
     cls = type(model_cls)(f"Quantized{model_cls.__name__}", (model_cls,),
                           {"__init__": __init__, "__module__": __name__, "__doc__": quantized_class.__doc__})
