@@ -165,7 +165,7 @@ def inspect_checkpoint(path: str) -> str:
     quant_tensors = set()
     for name, layer in block["layers"].items():
         fmt = get_format(layer["format"])
-        keys = [f"{name}.{n}" for n in ("qweight", "scale", "offset", "absmax") if f"{name}.{n}" in nbytes]
+        keys = [f"{name}.{n}" for n in ("qweight", "scale", "zero", "absmax") if f"{name}.{n}" in nbytes]
         size = sum(nbytes[k] for k in keys)
         quant_tensors.update(keys)
         quant_bytes += size
@@ -219,7 +219,7 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
         if kind is None:
             continue
         fmt = get_format(layer["format"])
-        for tensor in ("qweight", "scale", "offset", "absmax"):
+        for tensor in ("qweight", "scale", "zero", "absmax"):
             per_row_scale = kind[0] == "row" and not fmt.grouped and tensor == "scale"
             kinds[f"{name}.{tensor}"] = ("row-replicated", 1) if per_row_scale else kind
 

@@ -427,14 +427,14 @@ def test_missing_tensor(ckpt):
 def test_tensor_with_wrong_shape_or_dtype(ckpt):
     def edit(t):
         t["transformer.final_layernorm.weight"] = t["transformer.final_layernorm.weight"][:128].clone()
-        t["transformer.layers.0.mlp.dense_h_to_4h.offset"] = t["transformer.layers.0.mlp.dense_h_to_4h.offset"].float()
+        t["transformer.layers.0.mlp.dense_h_to_4h.zero"] = t["transformer.layers.0.mlp.dense_h_to_4h.zero"].float()
         return t
     rewrite_tensors(ckpt, edit)
     with pytest.raises(CheckpointError) as excinfo:
         sat_quant.from_pretrained(GPT2Model, ckpt)
     assert_refused(excinfo, tensor_file(ckpt), "2 problems",
                    "transformer.final_layernorm.weight: checkpoint has [128] torch.float32, model needs [256]",
-                   "dense_h_to_4h.offset: checkpoint has [1024, 2] torch.float32, model needs [1024, 2] torch.float16")
+                   "dense_h_to_4h.zero: checkpoint has [1024, 2] torch.float32, model needs [1024, 2] torch.uint8")
 
 
 def test_unknown_format_version(ckpt):

@@ -57,7 +57,7 @@ def test_cogvlm_17b_public_shape():
     fp16 = columns["fp16"].weight_bytes
     assert abs(fp16 - 2 * sum(params.values())) < 0.01 * fp16  # fp16: 2 bytes per parameter (+ tiny buffers)
     int4 = columns["int4"].weight_bytes
-    assert int4 < 9.5 * 2**30, int4 / 2**30  # int4 group 128 with fp16 LM head and embeddings: 9.09 GiB
+    assert int4 < 9.5 * 2**30, int4 / 2**30  # int4 group 128 with fp16 LM head and embeddings: 8.97 GiB
 
 
 def test_cli_estimate_runs_on_the_17b_config():

@@ -77,7 +77,7 @@ def test_4bit_codes_match_bitsandbytes():
 
 
 def test_bits_per_param():
-    assert get_format("int4").bits_per_param(get_format("int4").spec(4096, 4096)) == pytest.approx(4.25)
+    assert get_format("int4").bits_per_param(get_format("int4").spec(4096, 4096)) == pytest.approx(4 + 24 / 128)
     assert get_format("nf4").bits_per_param(get_format("nf4").spec(4096, 4096)) == pytest.approx(4.5)
     assert get_format("int8").bits_per_param(get_format("int8").spec(4096, 4096)) == pytest.approx(8 + 32 / 4096)
 

@@ -138,11 +138,11 @@ def test_int4_keeps_embeddings_and_beats_sat_rowwise(fp32_bench):
     int4 = _quantized_cosines(sentences, ref, quant=4)  # default: group 128, asymmetric
     int4_g64 = _quantized_cosines(sentences, ref, quant=4, quant_group_size=64)
     sat_rowwise = _sat_rowwise_int4_cosines(sentences, ref)
-    # measured on these sentences: group 128 0.948, group 64 0.965, SAT per-row 0.921 (DESIGN, larger set:
-    # 0.963 / 0.970 / 0.924; short sentences are harder). 4-bit round-to-nearest loses a few percent, so
-    # the bars allow ~1.4x the measured 1 - cos: group 128 >= 0.93, group 64 >= 0.95 (the "int4 >= 0.95"
-    # target holds from group 64 down), and grouped int4 must clearly beat SAT's per-row method.
-    assert int4.mean().item() >= 0.93
+    # measured on these sentences (integer zero-point): group 128 0.960, group 64 0.967, SAT per-row 0.921
+    # (DESIGN, larger set: 0.963 / 0.970 / 0.924; short sentences are harder). 4-bit round-to-nearest loses
+    # a few percent, so the bars allow ~1.2x the measured 1 - cos: group 128 >= 0.95, group 64 >= 0.95, and
+    # grouped int4 must clearly beat SAT's per-row method.
+    assert int4.mean().item() >= 0.95
     assert int4_g64.mean().item() >= 0.95
     assert int4.mean().item() >= sat_rowwise.mean().item() + 0.015
     assert int4_g64.mean().item() >= int4.mean().item()

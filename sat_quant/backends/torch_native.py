@@ -1,8 +1,8 @@
 """torch's own weight-only kernels: ``_weight_int8pack_mm`` (CPU, CUDA) and the int4 tinygemm
 kernels (``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA).
 
-Both int4 kernels compute ``(q - 8) * scale + zero`` per group, so our ``q * scale + offset``
-maps to ``zero = offset + 8 * scale``. The CPU kernel wants its own interleaved nibble layout
+Both int4 kernels compute ``(q - 8) * scale + z`` per group, so our ``(q - zero) * scale``
+maps to ``z = (8 - zero) * scale``. The CPU kernel wants its own interleaved nibble layout
 (blocks of BLOCK_N rows); a probe on first use finds BLOCK_N and checks that our uint8 packing equals
 torch's converter bit for bit, then we pack and unpack with plain tensor ops (several times faster).
 """
@@ -77,7 +77,7 @@ class TorchNativeBackend(Backend):
         if fmt.name != "int4":
             return dict(neutral)
         qweight = neutral["qweight"]
-        out = {"scale": neutral["scale"], "offset": neutral["offset"]}
+        out = {"scale": neutral["scale"], "zero": neutral["zero"]}
         if qweight.device.type == "cpu":  # our uint8 model of torch's layout: verified by the probe, ~4x faster
             out["packed"] = _cpu_pack_reference(unpack_nibbles(qweight), cpu_int4_block_n())
         else:
@@ -92,7 +92,7 @@ class TorchNativeBackend(Backend):
         layout = fmt.layout(spec)
         return {"packed": torch.zeros(layout["qweight"][0], dtype=torch.uint8, device=device),
                 "scale": torch.zeros(layout["scale"][0], dtype=torch.float16, device=device),
-                "offset": torch.zeros(layout["offset"][0], dtype=torch.float16, device=device)}
+                "zero": torch.zeros(layout["zero"][0], dtype=torch.uint8, device=device)}
 
     def to_neutral(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> KernelTensors:
         if fmt.name != "int4":
@@ -102,7 +102,7 @@ class TorchNativeBackend(Backend):
         else:
             codes = _cpu_unpack(kernel["packed"], spec.out_features, spec.in_features, cpu_int4_block_n())
             qweight = pack_nibbles(codes)
-        return {"qweight": qweight, "scale": kernel["scale"], "offset": kernel["offset"]}
+        return {"qweight": qweight, "scale": kernel["scale"], "zero": kernel["zero"]}
 
     # -- compute ----------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
@@ -124,7 +124,7 @@ class TorchNativeBackend(Backend):
 
 
 def _scales_and_zeros(kernel: KernelTensors, dtype: torch.dtype) -> torch.Tensor:
-    """[G, N, 2] tensor the int4 kernels read: scale, and zero = offset + 8 * scale (they compute (q - 8) * s + z)."""
+    """[G, N, 2] tensor the int4 kernels read: scale, and z = (8 - zero) * scale (they compute (q - 8) * s + z)."""
     scale = kernel["scale"].float()
-    zero = kernel["offset"].float() + 8.0 * scale
+    zero = (8.0 - kernel["zero"].float()) * scale
     return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
