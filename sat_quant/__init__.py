@@ -4,7 +4,9 @@ Public API (see README.md):
 - flags: ``add_quant_args``, ``validate_quant_args``
 - config: ``QuantConfig``
 - building: ``get_model`` (drop-in for SAT's), ``quantize_`` (an already built model), ``linear_weights_on_meta``
-- checkpoints: ``save_checkpoint``, ``from_pretrained`` (SAT layout, safetensors, atomic, verified)
+- checkpoints: ``save_checkpoint``, ``from_pretrained`` (SAT layout, safetensors, atomic, verified),
+  ``convert`` / ``dequantize`` / ``reshard`` (offline, on checkpoint folders)
+- fine-tuning: ``add_lora_``, ``merge_lora_`` (LoRA on quantized layers)
 - layers: ``QuantLinear``, ``QuantColumnParallelLinear``, ``QuantRowParallelLinear``
 - report: ``quant_report``, ``QuantReport``
 - CPU helpers: ``apply_cpu_compat``, ``install_xformers_cpu_fallback``
@@ -12,11 +14,13 @@ Public API (see README.md):
 from .args import add_quant_args, get_args, validate_quant_args
 from .build import get_model, linear_weights_on_meta, quantize_, quantized_class
 from .checkpoint import CheckpointError, save_checkpoint
-from .loading import from_pretrained
 from .config import QuantConfig
+from .convert import convert, dequantize, reshard
 from .errors import QuantBackendError, QuantConfigError, QuantError
 from .formats import FORMATS, get_format
 from .layers import QuantColumnParallelLinear, QuantLinear, QuantRowParallelLinear
+from .loading import from_pretrained
+from .lora import add_lora_, merge_lora_
 from .mixin import QuantMixin
 from .report import QuantReport, quant_report
 
@@ -30,7 +34,9 @@ def __getattr__(name):  # the CPU compat layer imports xformers lazily; keep `im
     raise AttributeError(name)
 
 
-__all__ = ["save_checkpoint", "from_pretrained", "CheckpointError", "add_quant_args", "get_args", "validate_quant_args", "get_model", "quantize_", "quantized_class", "linear_weights_on_meta",
-           "QuantConfig", "QuantError", "QuantConfigError", "QuantBackendError", "FORMATS", "get_format",
-           "QuantLinear", "QuantColumnParallelLinear", "QuantRowParallelLinear", "QuantMixin", "QuantReport",
-           "quant_report", "apply_cpu_compat", "install_xformers_cpu_fallback", "__version__"]
+__all__ = ["add_quant_args", "get_args", "validate_quant_args", "QuantConfig",
+           "get_model", "quantize_", "quantized_class", "linear_weights_on_meta",
+           "save_checkpoint", "from_pretrained", "convert", "dequantize", "reshard", "add_lora_", "merge_lora_",
+           "QuantLinear", "QuantColumnParallelLinear", "QuantRowParallelLinear", "QuantMixin",
+           "QuantReport", "quant_report", "FORMATS", "get_format", "apply_cpu_compat", "install_xformers_cpu_fallback",
+           "QuantError", "QuantConfigError", "QuantBackendError", "CheckpointError", "__version__"]
