@@ -12,7 +12,7 @@ import torch
 from .checkpoint import (CheckpointError, TensorSource, checkpoint_tensor_path, describe_block, load_into,
                          read_latest, read_manifest, read_model_config, save_checkpoint, state_file)
 from .config import QuantConfig
-from .formats import get_format
+from .formats import LayerSpec, get_format
 from .loading import _model_class, fill_script_defaults
 
 # keys sat_quant adds to model_config.json; a dequantized checkpoint drops them
@@ -198,7 +198,7 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
     from .checkpoint import (FORMAT_VERSION, STUB_KEY, _sha256, _write_tensor_file, config_from_block,
                              read_manifest, verify_tensor_file)
     from .memory import build_on_meta
-    from .parallel import ReshardedSource, _power_of_two, tensor_kinds
+    from .parallel import ReshardedSource, _power_of_two, packed_kinds, tensor_kinds
     import_modules(imports)
     _prepare_destination(dst, overwrite)
     model_config = read_model_config(src)
@@ -216,12 +216,9 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
     kinds = tensor_kinds(meta)
     for name, layer in (block or {}).get("layers", {}).items():  # the packed tensors of quantized layers
         kind = kinds.get(name + ".weight")
-        if kind is None:
-            continue
-        fmt = get_format(layer["format"])
-        for tensor in ("qweight", "scale", "zero", "absmax"):
-            per_row_scale = kind[0] == "row" and not fmt.grouped and tensor == "scale"
-            kinds[f"{name}.{tensor}"] = ("row-replicated", 1) if per_row_scale else kind
+        if kind is not None:
+            spec = LayerSpec(layer["format"], *layer["shape"], layer.get("group_size"))
+            kinds.update(packed_kinds(kind, get_format(layer["format"]), spec, name + "."))
 
     sources = []
     for r in range(saved):

@@ -14,6 +14,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .build import is_target
 from .errors import QuantConfigError
 from .layers import QuantLinear
 
@@ -52,9 +53,7 @@ def add_lora_(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Seq
                                "--model-parallel-size 1 (several GPUs can still be used with data parallelism).")
     names = [n for n, m in model.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in targets)
              and not isinstance(m, LoraQuantLinear)]
-    skipped = [n for n in names if not isinstance(model.get_submodule(n), QuantLinear)]
-    skipped = [n for n in skipped if isinstance(model.get_submodule(n), nn.Linear) or
-               type(model.get_submodule(n)).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
+    skipped = [n for n in names if is_target(model.get_submodule(n))]  # a linear left in full precision
     if skipped:
         raise QuantConfigError(f"LoRA was asked on layers the quantization config keeps in full precision "
                                f"(e.g. {skipped[:3]}); drop them from the LoRA targets or from --quant-skip.")

@@ -24,6 +24,14 @@ def _strides(stride: Stride) -> List[int]:
     return [1] * stride if isinstance(stride, int) else list(stride)
 
 
+def packed_kinds(weight_kind: Kind, fmt, spec, prefix: str) -> Dict[str, Kind]:
+    """How each packed tensor of one quantized layer is partitioned: like its weight, except the per-row scales
+    of a row-parallel per-channel format, which cover the whole row and are identical on every rank."""
+    per_row = weight_kind[0] == "row" and not fmt.grouped
+    return {prefix + n: (("row-replicated", 1) if per_row and n == "scale" else weight_kind)
+            for n in fmt.layout(spec)}
+
+
 def tensor_kinds(model: nn.Module) -> Dict[str, Kind]:
     """Name → how that tensor is partitioned across model-parallel ranks (absent: replicated)."""
     from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -31,17 +39,13 @@ def tensor_kinds(model: nn.Module) -> Dict[str, Kind]:
     for prefix, module in model.named_modules():
         pre = prefix + "." if prefix else ""
         if isinstance(module, (ColumnParallelLinear, QuantColumnParallelLinear)):
-            names = ["weight", "bias"]
+            kinds.update({pre + n: ("column", module.stride) for n in ("weight", "bias")})
             if isinstance(module, QuantColumnParallelLinear):
-                names += list(module.fmt.layout(module.spec))
-            kinds.update({pre + n: ("column", module.stride) for n in names})
+                kinds.update(packed_kinds(("column", module.stride), module.fmt, module.spec, pre))
         elif isinstance(module, (RowParallelLinear, QuantRowParallelLinear)):
-            names = ["weight"]
+            kinds[pre + "weight"] = ("row", 1)  # the bias is added once, after the all-reduce: replicated
             if isinstance(module, QuantRowParallelLinear):
-                names += [n for n in module.fmt.layout(module.spec) if module.fmt.grouped or n == "qweight"]
-                if not module.fmt.grouped:  # per-row scales cover the whole row: identical on every rank
-                    kinds[pre + "scale"] = ("row-replicated", 1)
-            kinds.update({pre + n: ("row", 1) for n in names})
+                kinds.update(packed_kinds(("row", 1), module.fmt, module.spec, pre))
         elif isinstance(module, VocabParallelEmbedding):
             kinds[pre + "weight"] = ("vocab", 1)
     return kinds
