@@ -6,12 +6,15 @@ from sat_quant import QuantBackendError, get_format
 from sat_quant.backends import BACKENDS, select_backend
 from sat_quant.backends.torch_native import _cpu_pack_reference, _cpu_unpack, cpu_int4_block_n
 
-FAST = [("int8", "torch"), ("int4", "torch"), ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes")]
+FAST = [("int8", "torch"), ("int4", "torch"), ("nf4", "lut"), ("fp4", "lut"), ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes")]
 # Output tolerance relative to max|y|. torch's CPU kernels take bf16 activations (sat_quant casts, see
 # backends/torch_native.py): 8 mantissa bits, i.e. ~0.4% per element, accumulated in fp32; bitsandbytes
 # keeps the input dtype, so fp32 is exact up to summation order and fp16 carries 11 bits.
 RTOL = {"torch": {torch.float32: 1.6e-2, torch.bfloat16: 1.6e-2, torch.float16: 1.6e-2},
-        "bitsandbytes": {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}}
+        "bitsandbytes": {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3},
+        # sat_quant's nf4/fp4 kernel: fp32 math for fp32/fp16 input; bf16 input with several rows multiplies
+        # bf16-rounded weights (as the reference's bf16 dequantize rounds them), accumulating in fp32
+        "lut": {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}}
 
 
 def weights(kind: str, n: int, k: int) -> torch.Tensor:
@@ -79,7 +82,7 @@ def test_explicit_backend_that_cannot_run_is_a_clear_error():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fmt_name,backend_name", FAST)
+@pytest.mark.parametrize("fmt_name,backend_name", [f for f in FAST if f[1] != "lut"])
 def test_cuda_kernels_match_reference(fmt_name, backend_name):
     fmt = get_format(fmt_name)
     spec = fmt.spec(256, 1024)

@@ -9,17 +9,21 @@ from ..errors import QuantBackendError, QuantConfigError
 from ..formats import LayerSpec, WeightFormat
 from .base import Backend, KernelTensors
 from .bnb import BitsAndBytesBackend
+from .lut_cpu import LutCpuBackend
 from .reference import ReferenceBackend
 from .torch_native import TorchNativeBackend
 
-BACKENDS: Dict[str, Backend] = {b.name: b for b in (TorchNativeBackend(), BitsAndBytesBackend(), ReferenceBackend())}
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (TorchNativeBackend(), LutCpuBackend(), BitsAndBytesBackend(),
+                                                     ReferenceBackend())}
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
-# Fastest first, measured on CPU (benchmarks/RESULTS.md); the reference path is the last resort.
+# Fastest first, measured on CPU (benchmarks/RESULTS.md); the reference path is the last resort. For nf4/fp4,
+# "lut" (sat_quant's compiled CPU kernel) declines CUDA, odd block sizes and machines where it cannot be built
+# or run (the reason is logged), and bitsandbytes takes over.
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "int8": ("torch", "reference"),
     "int4": ("torch", "reference"),
-    "nf4": ("bitsandbytes", "reference"),
-    "fp4": ("bitsandbytes", "reference"),
+    "nf4": ("lut", "bitsandbytes", "reference"),
+    "fp4": ("lut", "bitsandbytes", "reference"),
 }
 
 
