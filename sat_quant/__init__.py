@@ -9,6 +9,7 @@ Public API (see README.md):
 - fine-tuning: ``add_lora_``, ``merge_lora_`` (LoRA on quantized layers)
 - layers: ``QuantLinear``, ``QuantColumnParallelLinear``, ``QuantRowParallelLinear``
 - report: ``quant_report``, ``QuantReport``
+- scripts (patches/): ``sat_quant.scripts.load_for_inference``; ``oom_guidance`` (advice instead of a bare OOM)
 - CPU helpers: ``apply_cpu_compat``, ``install_xformers_cpu_fallback``
 """
 from .args import add_quant_args, get_args, validate_quant_args
@@ -22,6 +23,7 @@ from .layers import QuantColumnParallelLinear, QuantLinear, QuantRowParallelLine
 from .loading import from_pretrained
 from .lora import add_lora_, merge_lora_
 from .mixin import QuantMixin
+from .oom import QuantOutOfMemoryError, oom_guidance
 from .report import QuantReport, quant_report
 
 __version__ = "0.1.0"
@@ -39,4 +41,4 @@ __all__ = ["add_quant_args", "get_args", "validate_quant_args", "QuantConfig",
            "save_checkpoint", "from_pretrained", "convert", "dequantize", "reshard", "add_lora_", "merge_lora_",
            "QuantLinear", "QuantColumnParallelLinear", "QuantRowParallelLinear", "QuantMixin",
            "QuantReport", "quant_report", "FORMATS", "get_format", "apply_cpu_compat", "install_xformers_cpu_fallback",
-           "QuantError", "QuantConfigError", "QuantBackendError", "CheckpointError", "__version__"]
+           "QuantError", "QuantConfigError", "QuantOutOfMemoryError", "oom_guidance", "QuantBackendError", "CheckpointError", "__version__"]
