@@ -6,7 +6,8 @@ Public API (see README.md):
 - building: ``get_model`` (drop-in for SAT's), ``quantize_`` (an already built model), ``linear_weights_on_meta``
 - checkpoints: ``save_checkpoint``, ``from_pretrained`` (SAT layout, safetensors, atomic, verified),
   ``convert`` / ``dequantize`` / ``reshard`` (offline, on checkpoint folders)
-- fine-tuning: ``add_lora_``, ``merge_lora_`` (LoRA on quantized layers)
+- fine-tuning: ``QuantLoraMixin`` (SAT mixin), ``add_lora_``, ``merge_lora_`` (LoRA on quantized layers),
+  ``merge_lora`` (offline, on a QLoRA checkpoint)
 - layers: ``QuantLinear``, ``QuantColumnParallelLinear``, ``QuantRowParallelLinear``
 - report: ``quant_report``, ``QuantReport``
 - scripts (patches/): ``sat_quant.scripts.load_for_inference``; ``oom_guidance`` (advice instead of a bare OOM)
@@ -16,12 +17,12 @@ from .args import add_quant_args, get_args, validate_quant_args
 from .build import get_model, linear_weights_on_meta, quantize_, quantized_class
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import QuantConfig
-from .convert import convert, dequantize, reshard
+from .convert import convert, dequantize, merge_lora, reshard
 from .errors import QuantBackendError, QuantConfigError, QuantError
 from .formats import FORMATS, get_format
 from .layers import QuantColumnParallelLinear, QuantLinear, QuantRowParallelLinear
 from .loading import from_pretrained
-from .lora import add_lora_, merge_lora_
+from .lora import QuantLoraMixin, add_lora_, merge_lora_
 from .mixin import QuantMixin
 from .oom import QuantOutOfMemoryError, oom_guidance
 from .report import QuantReport, quant_report
@@ -38,7 +39,8 @@ def __getattr__(name):  # the CPU compat layer imports xformers lazily; keep `im
 
 __all__ = ["add_quant_args", "get_args", "validate_quant_args", "QuantConfig",
            "get_model", "quantize_", "quantized_class", "linear_weights_on_meta",
-           "save_checkpoint", "from_pretrained", "convert", "dequantize", "reshard", "add_lora_", "merge_lora_",
+           "save_checkpoint", "from_pretrained", "convert", "dequantize", "reshard", "merge_lora", "add_lora_", "merge_lora_",
+           "QuantLoraMixin",
            "QuantLinear", "QuantColumnParallelLinear", "QuantRowParallelLinear", "QuantMixin",
            "QuantReport", "quant_report", "FORMATS", "get_format", "apply_cpu_compat", "install_xformers_cpu_fallback",
            "QuantError", "QuantConfigError", "QuantOutOfMemoryError", "oom_guidance", "QuantBackendError", "CheckpointError", "__version__"]

@@ -128,8 +128,15 @@ def get_args(args_list=None, parser: Optional[argparse.ArgumentParser] = None) -
     if known.fp16 and known.bf16:
         raise QuantConfigError("--fp16 and --bf16 were both given; pass only one of them (or neither for fp32).")
     argv = list(sys.argv[1:] if args_list is None else args_list)
+    from .parallel import check_world_size
+    check_world_size(argv)  # SAT would only assert deep inside initialize_distributed
     if not torch.cuda.is_available() and not any(a.startswith("--distributed-backend") for a in argv):
         argv += ["--distributed-backend", "gloo"]  # SAT defaults to nccl, which cannot start without a GPU
-    args = sat_get_args(argv, parser=parser)
+    from .training import TRAINING_MODES, cpu_training_argv, finish_cpu_training_args, requested_mode
+    mode = requested_mode(argv)
+    cpu_training = not torch.cuda.is_available() and mode in TRAINING_MODES  # SAT refuses it; deepspeed can
+    args = sat_get_args(cpu_training_argv(argv) if cpu_training else argv, parser=parser)
+    if cpu_training:
+        finish_cpu_training_args(args, mode)
     validate_quant_args(args)
     return args

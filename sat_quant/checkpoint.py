@@ -77,9 +77,14 @@ def quantization_block(model: nn.Module, config: Optional[QuantConfig] = None) -
     """What model_config.json records: format version, the config, and every quantized layer by name."""
     from . import __version__
     config = config or find_quant_config(model) or QuantConfig()
+    from .lora import LoraQuantLinear
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraQuantLinear)}
     layers: Dict[str, Dict[str, Any]] = {}
     for name, module in model.named_modules():  # a shared module is listed once, under its first name
         if isinstance(module, QuantLinear):
+            # a LoRA-wrapped base is named as the layer it replaced: the model is rebuilt, then wrapped
+            if name.endswith(".base") and name[:-len(".base")] in wrapped:
+                name = name[:-len(".base")]
             layers[name] = {"format": module.fmt.name, "group_size": module.spec.group_size,
                             "shape": [module.out_features, module.in_features]}
     return {"format_version": FORMAT_VERSION, "sat_quant_version": __version__, "config": config.to_dict(),

@@ -46,6 +46,13 @@ def _reshard(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_lora(ns: argparse.Namespace) -> int:
+    from .convert import merge_lora
+    merge_lora(ns.src, ns.dst, full_precision=ns.full_precision, imports=ns.imports, overwrite=ns.overwrite)
+    print(f"wrote {ns.dst} ({'full precision' if ns.full_precision else 'adapters folded in, re-quantized'})")
+    return 0
+
+
 def _estimate(ns: argparse.Namespace) -> int:
     from collections import OrderedDict
 
@@ -112,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     rsh.add_argument("--import", dest="imports", action="append", default=[])
     rsh.add_argument("--overwrite", action="store_true")
     rsh.set_defaults(func=_reshard)
+
+    mrg = sub.add_parser("merge-lora", help="fold a QLoRA checkpoint's adapters into its base (re-quantized)")
+    mrg.add_argument("src")
+    mrg.add_argument("dst")
+    mrg.add_argument("--full-precision", action="store_true",
+                     help="write every layer in full precision (a plain SAT checkpoint) instead of re-quantizing")
+    mrg.add_argument("--import", dest="imports", action="append", default=[])
+    mrg.add_argument("--overwrite", action="store_true")
+    mrg.set_defaults(func=_merge_lora)
 
     est = sub.add_parser("estimate", help="memory by component for fp16/bf16/int8/int4 (and --quant ...), built on meta")
     est.add_argument("--config", required=True, help="a SAT model_config.json (e.g. configs/cogvlm-chat-17b.json)")

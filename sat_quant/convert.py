@@ -18,6 +18,8 @@ from .loading import _model_class, fill_script_defaults
 # keys sat_quant adds to model_config.json; a dequantized checkpoint drops them
 QUANT_KEYS = ("quant", "quant_format", "quant_group_size", "quant_skip", "quant_plan", "quant_backend",
               "quant_lm_head", "quantization")
+# keys QuantLoraMixin adds; a merged checkpoint drops them
+LORA_KEYS = ("quant_lora", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def import_modules(names: Optional[List[str]]) -> None:
@@ -108,9 +110,18 @@ def dequantize(src: str, dst: str, *, imports: Optional[List[str]] = None, overw
     """Write a full-precision SAT checkpoint (plain ``.pt``, SAT's layout) from a quantized one."""
     import_modules(imports)
     _prepare_destination(dst, overwrite)
-    from .layers import QuantLinear
     from .loading import from_pretrained
-    model, args = from_pretrained(None, src)
+    model, _ = from_pretrained(None, src)
+    if any(k.endswith((".lora_A", ".lora_B")) for k, _ in model.named_parameters()):
+        raise CheckpointError(f"{src} holds LoRA adapters; fold them in with `sat-quant merge-lora {src} {dst} "
+                              f"--full-precision` (dequantize would drop them).")
+    return _write_full_precision(model, src, dst, read_latest(src), dtype)
+
+
+def _write_full_precision(model: torch.nn.Module, src: str, dst: str, iteration: int,
+                          dtype: Optional[torch.dtype]) -> str:
+    """``model`` (quantized layers dequantized) as a plain SAT checkpoint at ``dst``, with ``src``'s config."""
+    from .layers import QuantLinear
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     state = {}
@@ -122,13 +133,45 @@ def dequantize(src: str, dst: str, *, imports: Optional[List[str]] = None, overw
             for n in module.fmt.layout(module.spec):
                 state.pop(pre + n, None)
             state[pre + "weight"] = module.weight.to(dtype)
-    iteration = read_latest(src)
     tmp = f"{dst}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, str(iteration)))
     torch.save({"module": state}, os.path.join(tmp, str(iteration), "mp_rank_00_model_states.pt"))
-    config = {k: v for k, v in read_model_config(src).items() if k not in QUANT_KEYS}
+    config = {k: v for k, v in read_model_config(src).items() if k not in QUANT_KEYS + LORA_KEYS}
     return _publish(tmp, dst, config, iteration)
+
+
+def merge_lora(src: str, dst: str, *, full_precision: bool = False, imports: Optional[List[str]] = None,
+               overwrite: bool = False, dtype: Optional[torch.dtype] = None) -> str:
+    """Fold the LoRA adapters of the QLoRA checkpoint ``src`` into its base and write ``dst``.
+
+    By default each adapted layer is re-quantized in its own format, so ``dst`` is a normal sat_quant
+    checkpoint (loads with ``from_pretrained``, no LoRA flags); with ``full_precision`` every layer is written
+    dequantized as a plain SAT checkpoint (e.g. to quantize again with other settings, or for SAT alone).
+    A model-parallel ``src`` is merged to model-parallel size 1.
+    """
+    from .loading import from_pretrained
+    from .lora import merge_lora_
+    import_modules(imports)
+    _prepare_destination(dst, overwrite)
+    if not read_model_config(src).get("quant_lora"):
+        raise CheckpointError(f"{src} holds no LoRA adapters (its model_config.json has no 'quant_lora' record); "
+                              f"there is nothing to merge. It loads as it is with sat_quant.from_pretrained.")
+    model, args = from_pretrained(None, src)
+    merged = merge_lora_(model, requantize=not full_precision)
+    if merged == 0:
+        raise CheckpointError(f"{src} records LoRA settings but no adapter was rebuilt; the checkpoint is inconsistent.")
+    args.quant_lora = None
+    iteration = read_latest(src)
+    if full_precision:
+        return _write_full_precision(model, src, dst, iteration, dtype)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tmp, args=args, iteration=iteration)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)  # the destination appears complete or not at all
+    return dst
 
 
 def _publish(tmp: str, dst: str, model_config: Dict[str, Any], iteration: int) -> str:
@@ -184,7 +227,7 @@ def _numel(shape) -> int:
     return n
 
 
-__all__ = ["convert", "dequantize", "inspect_checkpoint", "import_modules", "reshard"]
+__all__ = ["convert", "dequantize", "inspect_checkpoint", "import_modules", "reshard", "merge_lora"]
 
 
 def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[List[str]] = None,
@@ -219,6 +262,9 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
         if kind is not None:
             spec = LayerSpec(layer["format"], *layer["shape"], layer.get("group_size"))
             kinds.update(packed_kinds(kind, get_format(layer["format"]), spec, name + "."))
+    if model_config.get("quant_lora"):  # a QLoRA checkpoint: the base sits under '.base', plus the adapters
+        from .parallel import lora_kinds
+        kinds.update(lora_kinds(kinds, (block or {}).get("layers", {})))
 
     sources = []
     for r in range(saved):

@@ -160,9 +160,14 @@ class QuantColumnParallelLinear(QuantLinear):
         if self.bias is not None:
             self.bias.model_parallel = True
 
+    def forward_partition(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output rows, before any gather (LoRA adds its rows here)."""
+        from sat.mpu.mappings import copy_to_model_parallel_region
+        return QuantLinear.forward(self, copy_to_model_parallel_region(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from sat.mpu.mappings import copy_to_model_parallel_region, gather_from_model_parallel_region
-        y = super().forward(copy_to_model_parallel_region(x))
+        from sat.mpu.mappings import gather_from_model_parallel_region
+        y = self.forward_partition(x)
         return gather_from_model_parallel_region(y) if self.gather_output else y
 
 
@@ -192,9 +197,13 @@ class QuantRowParallelLinear(QuantLinear):
         self._set_neutral(neutral)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from sat.mpu.mappings import scatter_to_model_parallel_region
+        return self.forward_partition(x if self.input_is_parallel else scatter_to_model_parallel_region(x))
+
+    def forward_partition(self, x: torch.Tensor) -> torch.Tensor:
+        """The full output from this rank's input columns ``x`` (all-reduced over ranks, bias added once)."""
         from sat.mpu import get_model_parallel_world_size
-        from sat.mpu.mappings import reduce_from_model_parallel_region, scatter_to_model_parallel_region
-        x = x if self.input_is_parallel else scatter_to_model_parallel_region(x)
+        from sat.mpu.mappings import reduce_from_model_parallel_region
         y = self._linear(x)
         if self.bias is not None and not self.final_bias:
             y = y + (self.bias / get_model_parallel_world_size()).to(y.dtype)

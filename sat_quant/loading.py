@@ -127,6 +127,8 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
     saved_mp = int(model_config.get("model_parallel_size", 1) or 1)
     # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
     model = build_quantized(new_args, cls, config, **kwargs)
+    from .lora import attach_lora_from_args
+    attach_lora_from_args(model, new_args)  # a QLoRA checkpoint: its adapters (quant_lora in the config)
     from .checkpoint import check_fits, fill
     from .parallel import agree_across_ranks, open_checkpoint_source
 

@@ -35,6 +35,8 @@ def packed_kinds(weight_kind: Kind, fmt, spec, prefix: str) -> Dict[str, Kind]:
 def tensor_kinds(model: nn.Module) -> Dict[str, Kind]:
     """Name → how that tensor is partitioned across model-parallel ranks (absent: replicated)."""
     from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    from .lora import LoraQuantLinear
     kinds: Dict[str, Kind] = {}
     for prefix, module in model.named_modules():
         pre = prefix + "." if prefix else ""
@@ -48,7 +50,29 @@ def tensor_kinds(model: nn.Module) -> Dict[str, Kind]:
                 kinds.update(packed_kinds(("row", 1), module.fmt, module.spec, pre))
         elif isinstance(module, VocabParallelEmbedding):
             kinds[pre + "weight"] = ("vocab", 1)
+        elif isinstance(module, LoraQuantLinear):  # A and B follow the base's partition (see lora.py)
+            if isinstance(module.base, QuantColumnParallelLinear):
+                kinds[pre + "lora_B"] = ("column", module.base.stride)
+            elif isinstance(module.base, QuantRowParallelLinear):
+                kinds[pre + "lora_A"] = ("row", 1)
     return kinds
+
+
+def lora_kinds(kinds: Dict[str, Kind], layer_names) -> Dict[str, Kind]:
+    """Kinds of a LoRA-wrapped layer's tensors from the unwrapped layer's: ``X.base.*`` like ``X.*``; a column
+    layer's ``lora_B`` splits by rows (with its stride), a row layer's ``lora_A`` by input columns."""
+    out: Dict[str, Kind] = {}
+    for name in layer_names:
+        pre = name + "."
+        for key, kind in kinds.items():
+            if key.startswith(pre) and "." not in key[len(pre):]:
+                out[pre + "base." + key[len(pre):]] = kind
+        how, stride = kinds.get(pre + "weight", (None, 1))
+        if how == "column":
+            out[pre + "lora_B"] = ("column", stride)
+        elif how == "row":
+            out[pre + "lora_A"] = ("row", 1)
+    return out
 
 
 def split(t: torch.Tensor, kind: Kind, parts: int) -> List[torch.Tensor]:
@@ -149,6 +173,26 @@ def open_checkpoint_source(path: str, iteration: int, saved_mp: int, model: nn.M
                               f"both to be powers of two (resharding splits or merges partitions evenly). "
                               f"Use --model-parallel-size {saved_mp}, or a power of two.")
     return ReshardedSource([open_rank(r) for r in range(saved_mp)], tensor_kinds(model), rank, world)
+
+
+def check_world_size(argv: Sequence[str], world_size: Optional[int] = None) -> None:
+    """Refuse a launch whose world size is not a multiple of ``--model-parallel-size``, before SAT starts
+    torch.distributed (SAT only asserts deep inside). Every rank computes the same answer from its own
+    environment, so every rank raises the same error and none waits for the others."""
+    import argparse
+    import os
+
+    from .errors import QuantConfigError
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--model-parallel-size", type=int, default=1)
+    mp = early.parse_known_args(list(argv))[0].model_parallel_size
+    world = world_size if world_size is not None else int(os.getenv("WORLD_SIZE", "1"))
+    if mp < 1:
+        raise QuantConfigError(f"--model-parallel-size {mp} must be at least 1.")
+    if world % mp:
+        raise QuantConfigError(f"world size {world} (torchrun --nproc_per_node x nodes) is not a multiple of "
+                               f"--model-parallel-size {mp}; launch a multiple of {mp} processes "
+                               f"(e.g. torchrun --nproc_per_node {mp}), or pass --model-parallel-size dividing {world}.")
 
 
 def agree_across_ranks(step, what: str):
