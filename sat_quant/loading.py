@@ -71,6 +71,17 @@ def _update_args_with_config(args: argparse.Namespace, config: Dict[str, Any], f
     return argparse.Namespace(**config, **rest)
 
 
+def _check_model_parallel_sizes(path: str, saved_mp: int, args: argparse.Namespace) -> None:
+    """Refuse, on every rank alike and before anything is built, a model-parallel size the saved shards cannot be
+    resharded to (resharding splits or merges partitions evenly: both sizes must be powers of two)."""
+    from .parallel import _power_of_two
+    wanted = int(getattr(args, "model_parallel_size", 1) or 1)
+    if wanted != saved_mp and not (_power_of_two(saved_mp) and _power_of_two(wanted)):
+        raise CheckpointError(f"{path} was saved with model-parallel size {saved_mp}; loading it at {wanted} needs "
+                              f"both to be powers of two (resharding splits or merges partitions evenly). "
+                              f"Use --model-parallel-size {saved_mp}, or a power of two.")
+
+
 def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = None, *,
                     overwrite_args: Optional[Dict[str, Any]] = None, verify: bool = True,
                     **kwargs) -> Tuple[nn.Module, argparse.Namespace]:
@@ -125,6 +136,7 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
         return model, new_args
 
     saved_mp = int(model_config.get("model_parallel_size", 1) or 1)
+    _check_model_parallel_sizes(path, saved_mp, new_args)  # before SAT builds (it asserts on odd head counts)
     # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
     model = build_quantized(new_args, cls, config, **kwargs)
     from .lora import attach_lora_from_args

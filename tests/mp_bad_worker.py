@@ -1,5 +1,6 @@
 """Run under ``torchrun --nproc_per_node 2`` by tests/test_parallel.py: bad model-parallel inputs must give
-every rank the same clear error, never a hang. argv: BROKEN_DIR OUT_DIR (BROKEN_DIR lacks rank 1's file)."""
+every rank the same clear error, never a hang. argv: BROKEN_DIR OUT_DIR (BROKEN_DIR lacks rank 1's file).
+Each rank writes the messages it got, separated by '---': world size, straddling group, missing rank file."""
 import os
 import sys
 
@@ -13,6 +14,10 @@ def main(broken_dir: str, out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     cls = SAT_MODELS["gpt2"][0]
     messages = []
+    try:  # world size 2 is not a multiple of --model-parallel-size 4: refused before SAT starts distributed
+        sat_quant.get_args(["--model-parallel-size", "4"])
+    except sat_quant.QuantConfigError as exc:
+        messages.append(f"world: {exc}")
     try:  # a group that would straddle the two ranks' halves of a row-parallel layer
         sat_quant.get_model(sat_args("gpt2", model_parallel_size=2, quant=4, quant_group_size=256), cls)
     except sat_quant.QuantConfigError as exc:

@@ -134,10 +134,11 @@ def test_model_parallel_bad_inputs_fail_on_every_rank_without_hanging(mp_run, tm
     assert r.returncode == 0, r.stderr[-4000:]
     texts = [(tmp_path / f"rank{k}.txt").read_text() for k in (0, 1)]
     for text in texts:
-        group, missing = text.split("\n---\n")
+        world, group, missing = text.split("\n---\n")
+        assert "world size 2" in world and "not a multiple of --model-parallel-size 4" in world
         assert "not divisible by group size 256" in group and "row-parallel layer" in group
         assert "failed on rank(s) 1" in missing and "mp_rank_01_model_states" in missing
-    assert texts[0].split("\n---\n")[1] == texts[1].split("\n---\n")[1], "every rank raises the same error"
+    assert texts[0].split("\n---\n")[2] == texts[1].split("\n---\n")[2], "every rank raises the same error"
 
 
 def _mp_fixture(fp_models, tmp_path):
@@ -205,3 +206,75 @@ def test_tiny_cogvlm_quantized_at_model_parallel_2(tmp_path):
     logits = torch.load(tmp_path / "cogvlm_mp2.pt")
     # same codes and scales as mp=1 on every partition; the split matmuls and all-reduces only reorder sums
     assert ((logits - expected).norm() / expected.norm()).item() < 0.02
+
+
+# -- LoRA at model-parallel size 2 ----------------------------------------------------------------------
+
+def _lora_checkpoint(q1_dir: str, path: str):
+    """An mp=1 QLoRA checkpoint with non-zero adapters on every attention and MLP layer; returns its model."""
+    from sat_quant.lora import LoraQuantLinear, QuantLoraMixin
+    model, margs = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], q1_dir)
+    mixin = QuantLoraMixin(rank=4, alpha=8, targets=["attention.query_key_value", "attention.dense",
+                                                     "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"])
+    model.add_mixin("lora", mixin, reinit=True)
+    mixin.record_in_args(margs)
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, LoraQuantLinear):
+            m.lora_B.data.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.05)
+    sat_quant.save_checkpoint(model, path, args=margs)
+    return model.eval()
+
+
+def test_lora_at_model_parallel_2_loads_trains_saves_and_merges(fp_models, mp_run, tmp_path):
+    """mp=2 LoRA: forward = mp=1 LoRA; a training step keeps replicated adapters identical on both ranks; the
+    mp=2 shards reload at mp=1 with the trained outputs; merging per rank = merging at mp=1."""
+    from sat_quant.lora import merge_lora_
+    _, _, inputs, _ = fp_models["gpt2"]
+    q1_dir, _ = mp_run
+    adapted = run_logits(_lora_checkpoint(q1_dir, str(tmp_path / "lora-mp1")), inputs)
+    r = torchrun("mp_lora_worker.py", str(tmp_path / "lora-mp1"), str(tmp_path), timeout=150)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = torch.load(tmp_path / "mp_lora.pt")
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    base_gap = rel(run_logits(sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], q1_dir)[0].eval(), inputs), adapted)
+    assert rel(res["loaded"], adapted) < 0.02 < base_gap, (rel(res["loaded"], adapted), base_gap)
+    assert res["losses"][-1] < res["losses"][0], res["losses"]
+    assert res["replicated_identical"] and res["n_replicated"] == 8  # column A and row B of 4 layers x 2
+    reloaded, args = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], str(tmp_path / "lora-mp2"),
+                                               overwrite_args={"model_parallel_size": 1})
+    assert args.model_parallel_size == 1
+    assert rel(run_logits(reloaded.eval(), inputs), res["trained"]) < 0.02
+    # each rank re-quantized its own partition of W + B @ A: the same codes as merging the whole layer at mp=1
+    merge_lora_(reloaded)
+    assert rel(res["merged"], run_logits(reloaded, inputs)) < 0.02
+
+
+def test_world_size_not_a_multiple_of_model_parallel_size_is_refused():
+    from sat_quant.parallel import check_world_size
+    check_world_size(["--model-parallel-size", "2"], world_size=4)
+    with pytest.raises(sat_quant.QuantConfigError, match="world size 6 .* not a multiple of --model-parallel-size 4"):
+        check_world_size(["--mode", "finetune", "--model-parallel-size", "4"], world_size=6)
+
+
+def test_mp4_shards_at_mp3_are_refused_before_building(fp_models, tmp_path):
+    """Shards of size 4 cannot be resharded to 3; every rank says so before SAT builds (which would only assert)."""
+    import json
+    _, q1 = _mp_fixture(fp_models, tmp_path)
+    for path in (os.path.join(q1, "model_config.json"), os.path.join(q1, "1", "mp_rank_00_model_states.manifest.json")):
+        data = json.load(open(path))
+        (data.setdefault("model_config", {}) if "manifest" in path else data)["model_parallel_size"] = 4
+        json.dump(data, open(path, "w"))
+    with pytest.raises(sat_quant.CheckpointError, match="saved with model-parallel size 4; loading it at 3"):
+        sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], q1, overwrite_args={"model_parallel_size": 3})
+
+
+def test_missing_rank_file_when_merging_shards_is_named(mp_run, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(mp_run[1] / "q-mp2", broken)
+    for name in os.listdir(broken / "1"):
+        if name.startswith("mp_rank_01"):
+            os.remove(broken / "1" / name)
+    with pytest.raises(sat_quant.CheckpointError, match="mp_rank_01_model_states.* missing"):
+        sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], str(broken), overwrite_args={"model_parallel_size": 1})
