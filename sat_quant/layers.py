@@ -136,7 +136,10 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
         ctx.layer = layer
-        return layer.backend.linear(x, layer.fmt, layer.spec, layer._kernel)
+        out = layer.backend.linear(x, layer.fmt, layer.spec, layer._kernel)
+        # kernels reshape their 2-D result back to x's shape: a view, which autograd forbids callers to modify
+        # in place (CogVLM's MLP mixin writes expert rows into it), so hand out a tensor of its own
+        return out.clone() if out._is_view() else out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
