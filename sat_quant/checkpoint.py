@@ -489,13 +489,25 @@ def _st_dtype(name: str) -> torch.dtype:
     return _ST_DTYPES.get(name, torch.uint8)
 
 
+def _numpy_rng_globals() -> list:
+    """What SAT's deepspeed checkpoints pickle besides tensors: numpy's RNG state (a uint32 array). These few
+    numpy types rebuild plain arrays only; any other global is still refused by weights_only."""
+    try:
+        import numpy as np
+        core = getattr(np, "_core", None) or np.core
+        return [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+    except (ImportError, AttributeError):
+        return []
+
+
 def _torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
     """A SAT .pt, memory-mapped and with weights_only=True: a pickle that would run code is refused."""
     import pickle
     import zipfile
     try:
         # files from torch < 1.6 (legacy format) cannot be memory-mapped; weights_only holds for them too
-        sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = str(exc).splitlines()
         detail = next((l.strip() for l in lines if "Unsupported" in l), lines[0] if lines else "")

@@ -36,6 +36,7 @@ def finish_cpu_training_args(args: argparse.Namespace, mode: str) -> argparse.Na
         raise QuantConfigError(f"--zero-stage {args.zero_stage} needs a GPU (ZeRO shards fp16 optimizer states); "
                                f"on CPU train with --zero-stage 0 and fp32 or bf16.")
     args.mode, args.deepspeed = mode, True
+    args.no_save_rng = True  # SAT saves torch.cuda.get_rng_state() with each checkpoint, which raises without CUDA
     args.deepspeed_activation_checkpointing = bool(getattr(args, "checkpoint_activations", False))
     if args.deepspeed_config is None:  # SAT's default: its zero-0 template, filled from the flags
         import sat

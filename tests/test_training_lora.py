@@ -110,3 +110,20 @@ def test_merge_lora_cli_gives_a_normal_quantized_checkpoint(trained, tmp_path):
     with pytest.raises(sat_quant.CheckpointError, match="no LoRA adapters"):
         sat_quant.merge_lora(str(tmp_path / "merged"), str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()
+
+
+def test_deepspeed_checkpoint_with_numpy_rng_state_still_loads_safely(trained, tmp_path):
+    """On a GPU SAT also saves numpy's RNG state in the .pt; weights_only loading accepts exactly that."""
+    import random
+    import shutil
+
+    import numpy as np
+    result, _ = trained
+    copy_dir = tmp_path / "ckpt"
+    shutil.copytree(result["save"], copy_dir)
+    pt = copy_dir / "8" / "mp_rank_00_model_states.pt"
+    sd = torch.load(pt, weights_only=True)
+    sd.update(np_rng_state=np.random.get_state(), random_rng_state=random.getstate())
+    torch.save(sd, pt)
+    model, _ = sat_quant.from_pretrained(None, str(copy_dir), overwrite_args={"bf16": True})
+    assert torch.equal(_logits(model.eval(), result["input_ids"]), result["logits"].float())
