@@ -109,6 +109,12 @@ class QuantLinear(nn.Module):
                 self.quantize_weight_(state_dict[prefix + "weight"])
             elif all(prefix + n in state_dict for n in names):
                 self.load_neutral_({n: state_dict[prefix + n] for n in names})
+            elif prefix + "lora_A" in state_dict or prefix + "base." + names[0] in state_dict:
+                # a QLoRA checkpoint loaded into a model without adapters: say how to load it, not "missing weight"
+                error_msgs.append(f"{prefix[:-1]}: the checkpoint holds LoRA adapters ({prefix}lora_A/lora_B over "
+                                  f"{prefix}base.*). Load it with sat_quant.from_pretrained (it rebuilds them from "
+                                  f"quant_lora in model_config.json), add QuantLoraMixin before loading, or fold "
+                                  f"them in first with `sat-quant merge-lora SRC DST`.")
             else:
                 missing_keys.append(prefix + "weight")
         except ValueError as exc:

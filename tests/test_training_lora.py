@@ -127,3 +127,17 @@ def test_deepspeed_checkpoint_with_numpy_rng_state_still_loads_safely(trained, t
     torch.save(sd, pt)
     model, _ = sat_quant.from_pretrained(None, str(copy_dir), overwrite_args={"bf16": True})
     assert torch.equal(_logits(model.eval(), result["input_ids"]), result["logits"].float())
+
+
+def test_sat_load_into_a_model_without_adapters_names_the_fix(trained):
+    """SAT's own load_checkpoint of a QLoRA checkpoint into a quantized model built without the mixin fails
+    naming the adapters and the fixes, never half-loads silently."""
+    from sat.model.official.gpt2_model import GPT2Model
+    from sat.training.model_io import load_checkpoint
+
+    from tests.conftest import sat_args
+    result, _ = trained
+    args = sat_args("gpt2", quant=4, skip_init=True, bf16=True)
+    model = sat_quant.get_model(args, GPT2Model)
+    with pytest.raises(RuntimeError, match="holds LoRA adapters.*sat-quant merge-lora"):
+        load_checkpoint(model, args, load_path=result["save"])
