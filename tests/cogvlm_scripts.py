@@ -6,6 +6,7 @@ modified); checkpoints, tokenizer and image come from :mod:`sat_quant.models.cog
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,4 +54,4 @@ def run_script(checkout: Path, script: str, argv: List[str], stdin: str = "", *,
 
 def answers(stdout: str) -> List[str]:
     """The model's replies as cli_demo_sat.py prints them ("Model: ..." after the prompts on the same line)."""
-    return [line.split("Model: ", 1)[1].rstrip("\n") for line in stdout.splitlines() if "Model: " in line]
+    return [m.group(1) for m in re.finditer(r"(?:^|User: )Model: (.*)$", stdout, flags=re.MULTILINE)]

@@ -136,3 +136,21 @@ def make_image(path: str, size: int = 224, seed: int = 0) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image.save(path)
     return path
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m sat_quant.models.cogvlm_assets OUT [--cogvlm DIR]``: write OUT/fp (checkpoint),
+    OUT/tokenizer and OUT/image.png for the examples."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--cogvlm", default=None, help="CogVLM checkout (default: $SAT_QUANT_COGVLM_DIR or ../shared/cogvlm)")
+    ns = parser.parse_args(argv)
+    save_tiny_checkpoint(os.path.join(ns.out, "fp"), ns.cogvlm)
+    make_tokenizer(os.path.join(ns.out, "tokenizer"))
+    make_image(os.path.join(ns.out, "image.png"))
+    print(f"wrote {ns.out}/fp (full-precision SAT checkpoint), {ns.out}/tokenizer, {ns.out}/image.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

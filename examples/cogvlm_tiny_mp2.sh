@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The same tiny CogVLM chat under `torchrun --nproc_per_node 2` (model parallel 2, gloo on CPU): the 4-bit
+# checkpoint saved at model-parallel size 1 is split per rank without dequantizing; `sat-quant reshard`
+# writes the mp=2 shards ahead of time so later starts read only their own file.
+#
+#   bash examples/cogvlm_tiny_mp2.sh [WORK_DIR]
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+COGVLM_DIR="${COGVLM_DIR:-$REPO/../shared/cogvlm}"
+WORK="${1:-$(mktemp -d)}"
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1 SAT_QUANT_COGVLM_DIR="$COGVLM_DIR"
+
+[ -d "$WORK/fp" ] || python -m sat_quant.models.cogvlm_assets "$WORK"
+# group 64: the tiny EVA's 1920-wide MLP splits into 960 columns per rank, which 128 does not divide
+[ -d "$WORK/int4" ] || PYTHONPATH="$COGVLM_DIR" sat-quant convert "$WORK/fp" "$WORK/int4" --quant 4 \
+    --quant-group-size 64 --import utils.models --quiet
+PYTHONPATH="$COGVLM_DIR" sat-quant reshard "$WORK/int4" "$WORK/int4-mp2" --mp 2 --import utils.models --overwrite
+if [ ! -d "$WORK/CogVLM" ]; then
+    cp -r "$COGVLM_DIR" "$WORK/CogVLM" && (cd "$WORK/CogVLM" && git apply "$REPO"/patches/*.patch)
+fi
+
+cd "$WORK/CogVLM"
+printf '%s\n' "$WORK/image.png" "What is in this image?" stop | \
+    torchrun --nproc_per_node 2 basic_demo/cli_demo_sat.py --from_pretrained "$WORK/int4-mp2" \
+        --local_tokenizer "$WORK/tokenizer" --max_length 300 2>/dev/null
