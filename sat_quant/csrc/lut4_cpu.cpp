@@ -195,11 +195,11 @@ void tile_bf16(const uint8_t* q, const float* absmax, __m512i table32, const uin
             for (int m = 0; m < MT; ++m) {
                 __m512i x0 = _mm512_loadu_si512(xc + m * xs), x1 = _mm512_loadu_si512(xc + m * xs + 32);
                 __m512i x2 = _mm512_loadu_si512(xc + m * xs + 64), x3 = _mm512_loadu_si512(xc + m * xs + 96);
-                __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w[0], reinterpret_cast<__m512bh&>(x0));
-                __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w[1], reinterpret_cast<__m512bh&>(x1));
-                t0 = _mm512_dpbf16_ps(t0, w[2], reinterpret_cast<__m512bh&>(x2));
-                t1 = _mm512_dpbf16_ps(t1, w[3], reinterpret_cast<__m512bh&>(x3));
-                acc[m][c % A] = _mm512_fmadd_ps(ch.av, _mm512_add_ps(t0, t1), acc[m][c % A]);
+                __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), w[0], reinterpret_cast<__m512bh&>(x0));
+                t = _mm512_dpbf16_ps(t, w[1], reinterpret_cast<__m512bh&>(x1));
+                t = _mm512_dpbf16_ps(t, w[2], reinterpret_cast<__m512bh&>(x2));
+                t = _mm512_dpbf16_ps(t, w[3], reinterpret_cast<__m512bh&>(x3));
+                acc[m][c % A] = _mm512_fmadd_ps(ch.av, t, acc[m][c % A]);
             }
         }
         for (int m = 0; m < MT; ++m) {
