@@ -279,30 +279,49 @@ SQ_API int sq_lut4_linear(const void* x, int xdt, int64_t M, int64_t K, int64_t 
 }
 
 // W [N, K] in dtype ydt (natural column order): for many activation rows, dequantize once and let a dense GEMM run.
+// 16 bytes -> 16 dword lanes (vpmovzxbd); the high nibbles (even columns) and low nibbles (odd columns) are looked
+// up separately and interleaved back with vpermt2ps. Values are T * absmax in fp32, then one rounding to ydt.
 SQ_API int sq_lut4_dequantize(const uint8_t* q, const float* absmax, const float* table16, int64_t N, int64_t K,
                               int64_t G, void* y, int ydt, int nthreads) {
     static const int level = sq_lut4_cpu_level();
     if (level == 0) return 1;
     if (K % 8 || K % G || G < 16 || (128 % G && G % 128)) return 2;
-    const int64_t C = (K + 127) / 128;
-    Plan plan;
-    if (!make_plan(plan, K, G)) return 3;
     const __m512 table = _mm512_loadu_ps(table16);
+    alignas(64) int32_t lo[16], hi[16], gi[16];
+    for (int i = 0; i < 8; ++i) lo[2 * i] = i, lo[2 * i + 1] = 16 + i, hi[2 * i] = 8 + i, hi[2 * i + 1] = 24 + i;
+    for (int l = 0; l < 16; ++l) gi[l] = (2 * l) / G;  // lane l holds columns 2l, 2l+1 of the 32-column piece
+    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi), gidx = _mm512_load_si512(gi);
+    const __mmask16 bmask = G >= 32 ? 1 : 3;
+    const int64_t full = K / 32;
 #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : omp_get_max_threads())
     for (int64_t n = 0; n < N; ++n) {
-        alignas(64) float buf[128];
-        for (int64_t c = 0; c < C; ++c) {
-            Chunk ch = load_chunk(q + n * (K / 2), absmax + n * (K / G), c, plan);
-            for (int s = 0; s < 8; ++s) {
-                alignas(64) float w[16];
-                _mm512_store_ps(w, lookup(ch, s, table));
-                for (int l = 0; l < 16; ++l) buf[chunk_col(s, l)] = w[l];
+        const uint8_t* qr = q + n * (K / 2);
+        const float* ar = absmax + n * (K / G);
+        for (int64_t j = 0; j < full; ++j) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + j * 16)));
+            __m512 av = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(bmask, ar + (j * 32) / G));
+            __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), av);
+            __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(v, table), av);
+            __m512 w0 = _mm512_permutex2var_ps(even, ilo, odd), w1 = _mm512_permutex2var_ps(even, ihi, odd);
+            const int64_t at = n * K + j * 32;
+            if (ydt == SQ_F32) {
+                _mm512_storeu_ps(static_cast<float*>(y) + at, w0);
+                _mm512_storeu_ps(static_cast<float*>(y) + at + 16, w1);
+            } else if (ydt == SQ_BF16) {
+                __m512bh b = _mm512_cvtne2ps_pbh(w1, w0);
+                _mm512_storeu_si512(static_cast<uint16_t*>(y) + at, reinterpret_cast<__m512i&>(b));
+            } else {
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + at),
+                                    _mm512_cvtps_ph(w0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + at + 16),
+                                    _mm512_cvtps_ph(w1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
             }
-            const int64_t k0 = c * 128, cols = K - k0 < 128 ? K - k0 : 128;
-            for (int64_t j = 0; j < cols; ++j) store_scalar(y, ydt, n * K + k0 + j, buf[j]);
+        }
+        for (int64_t k = full * 32; k < K; ++k) {  // the last K % 32 columns
+            const int code = k % 2 ? qr[k / 2] & 15 : qr[k / 2] >> 4;
+            store_scalar(y, ydt, n * K + k, table16[code] * ar[k / G]);
         }
     }
-    free(plan.blk);
     return 0;
 }
 
