@@ -66,12 +66,29 @@ def bench_shape(out_f: int, in_f: int, batch: int, include_reference: bool) -> L
     return rows
 
 
+def _summary(rows: List[Dict[str, object]], batch: int) -> str:
+    """One line per table: the nf4/fp4 kernel against bitsandbytes (what ran before it) and the dense baselines."""
+    sec = {(r["kind"], r["backend"]): r["seconds"] for r in rows}
+    fp32, bf16 = sec[("fp32", "torch dense")], sec[("bf16", "torch dense")]
+    parts = []
+    for fmt in ("nf4", "fp4"):
+        for act in ("fp32", "bf16"):
+            lut, bnb = sec.get((f"{fmt} ({act} act)", "lut")), sec.get((f"{fmt} ({act} act)", "bitsandbytes"))
+            if lut and bnb:
+                parts.append(f"{fmt} {act} act: lut {fp32 / lut:.1f}x fp32, {bf16 / lut:.2f}x bf16 dense "
+                             f"(bitsandbytes {fp32 / bnb:.2f}x fp32)")
+    return ("nf4/fp4 kernel vs baselines (batch %d): " % batch) + "; ".join(parts) + "." if parts else ""
+
+
 def run(include_reference: bool = True) -> str:
+    from .machine import load_average
     torch.manual_seed(0)
     lines = ["## Kernels: one linear layer, CPU", "",
              "Each row: mean time of `x @ W^T` cycling through enough distinct weights to exceed the "
              "last-level cache 4x; speed-up is fp32 time / row time on the same shape and batch, measured "
-             "in this run; GB/s is weight bytes streamed per second.", ""]
+             "in this run; GB/s is weight bytes streamed per second (packed weights + scales). Backend `lut` is "
+             "sat_quant's nf4/fp4 kernel (`sat_quant/csrc/lut4_cpu.cpp`), `bitsandbytes` what ran nf4/fp4 before "
+             f"it. Load average when the section started: {load_average()}.", ""]
     for out_f, in_f in SHAPES:
         for batch in BATCHES:
             rows = bench_shape(out_f, in_f, batch, include_reference)
@@ -81,6 +98,6 @@ def run(include_reference: bool = True) -> str:
             for r in rows:
                 lines.append(f"| {r['kind']} | {r['backend']} | {1000 * r['seconds']:.3f} | "
                              f"{fp32 / r['seconds']:.2f}x | {r['bytes'] / r['seconds'] / 1e9:.1f} |")
-            lines.append("")
+            lines += ["", _summary(rows, batch), ""]
             print(f"done {out_f}x{in_f} batch {batch}", flush=True)
     return "\n".join(lines)

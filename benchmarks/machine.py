@@ -30,3 +30,11 @@ def describe() -> str:
             versions.append(f"{mod} unavailable ({type(exc).__name__})")
     parts.append("versions: " + ", ".join(versions) + f", python {platform.python_version()}")
     return "\n".join(f"- {p}" for p in parts)
+
+
+def load_average() -> str:
+    """The 1-minute load average: on a shared machine, timings taken under load are noisier (ratios hold better)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)"
+    except OSError:
+        return "unknown"
