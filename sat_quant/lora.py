@@ -286,7 +286,11 @@ def attach_lora_from_args(model: nn.Module, args: argparse.Namespace) -> Optiona
     mixin = QuantLoraMixin.from_settings(settings)
     if hasattr(model, "add_mixin"):
         if "lora" in model.mixins:
-            raise QuantConfigError("the model already has a 'lora' mixin; cannot rebuild the checkpoint's adapters.")
+            existing = model.mixins["lora"]
+            if isinstance(existing, QuantLoraMixin) and existing.settings() == mixin.settings():
+                return existing  # already rebuilt (e.g. by the model's own construction)
+            raise QuantConfigError("the model already has a different 'lora' mixin; cannot rebuild the checkpoint's "
+                                   "adapters (quant_lora in model_config.json) next to it.")
         model.add_mixin("lora", mixin, reinit=True)
     else:
         mixin.reinit(model)
