@@ -68,8 +68,8 @@ def finish_cpu_training_args(args: argparse.Namespace, mode: str) -> argparse.Na
         # fp32 with ZeRO 0 hands SAT torch's own optimizer, and SAT 0.4.12's save_checkpoint then fails on
         # `optimizer.optimizer` after the whole run: say so before training starts
         raise QuantConfigError("SAT 0.4.12 cannot save an fp32 ZeRO-0 deepspeed run (its save_checkpoint reads "
-                               "optimizer.optimizer, which only deepspeed's bf16/fp16 wrappers have); enable bf16 "
-                               "in the deepspeed config (\"bf16\": {\"enabled\": true}), or train without --save.")
+                               "optimizer.optimizer, which only deepspeed's bf16/fp16 wrappers have); pass --bf16 "
+                               "(with a --deepspeed_config file: \"bf16\": {\"enabled\": true}), or train without --save.")
     args.deepspeed_config = config
     import deepspeed
     import torch

@@ -141,3 +141,17 @@ def test_sat_load_into_a_model_without_adapters_names_the_fix(trained):
     model = sat_quant.get_model(args, GPT2Model)
     with pytest.raises(RuntimeError, match="holds LoRA adapters.*sat-quant merge-lora"):
         load_checkpoint(model, args, load_path=result["save"])
+
+
+def test_cpu_training_setups_sat_cannot_finish_are_refused_up_front(tmp_path):
+    import argparse
+
+    from sat_quant.training import finish_cpu_training_args
+    base = dict(zero_stage=0, fp16=False, bf16=False, save=str(tmp_path), deepspeed_config=None, batch_size=2,
+                gradient_accumulation_steps=1, lr=1e-3, weight_decay=0.0, checkpoint_activations=False)
+    with pytest.raises(sat_quant.QuantConfigError, match="cannot save an fp32 ZeRO-0 deepspeed run.*--bf16"):
+        finish_cpu_training_args(argparse.Namespace(**base), "finetune")
+    with pytest.raises(sat_quant.QuantConfigError, match="--zero-stage 2 needs a GPU"):
+        finish_cpu_training_args(argparse.Namespace(**dict(base, zero_stage=2)), "finetune")
+    with pytest.raises(sat_quant.QuantConfigError, match="fp16 training needs a GPU"):
+        finish_cpu_training_args(argparse.Namespace(**dict(base, fp16=True)), "finetune")
