@@ -1,7 +1,8 @@
 """A real SAT ``training_main`` run with deepspeed on CPU: GPT-2 with a 4-bit base and QuantLoraMixin.
 
 Run by tests/test_training_lora.py as a plain process with the environment SAT/deepspeed read (RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK). argv: OUT_DIR. Writes OUT_DIR/result.pt with the losses,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK). argv: OUT_DIR [extra SAT flags, e.g. --model-parallel-size 2
+under torchrun --nproc_per_node 2, which also works]. Writes OUT_DIR/result.pt with the losses,
 whether the quantized base stayed bitwise, the trained model's logits and where the checkpoint went.
 """
 import argparse
@@ -31,7 +32,7 @@ class FixedBatch:
         return {"input_ids": self.samples[i % BATCH]}
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, *extra: str) -> None:
     import torch
     from sat.model.official.gpt2_model import GPT2Model
     from sat.training.deepspeed_training import training_main
@@ -60,7 +61,7 @@ def main(out_dir: str) -> None:
             "--num-layers", str(arch["num_layers"]), "--hidden-size", str(arch["hidden_size"]),
             "--num-attention-heads", str(arch["num_attention_heads"]), "--vocab-size", str(arch["vocab_size"]),
             "--max-sequence-length", str(arch["max_sequence_length"]), "--hidden-dropout", "0",
-            "--attention-dropout", "0"]
+            "--attention-dropout", "0"] + extra
     parser = add_lora_args(GPT2Model.add_model_specific_args(argparse.ArgumentParser()))
     args = sat_quant.get_args(argv, parser=parser)
     assert args.deepspeed and args.device == "cpu", (args.deepspeed, args.device)
@@ -93,9 +94,10 @@ def main(out_dir: str) -> None:
     with torch.no_grad():
         logits = trained(input_ids=ids, position_ids=pos, attention_mask=torch.ones(1, 1, SEQ, SEQ).tril())[0]
     trainable = sorted(n for n, p in trained.named_parameters() if p.requires_grad)
-    torch.save({"losses": losses, "base_same": base_same, "logits": logits, "save": args.save,
-                "trainable": trainable, "input_ids": ids}, os.path.join(out_dir, "result.pt"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"losses": losses, "base_same": base_same, "logits": logits, "save": args.save,
+                    "trainable": trainable, "input_ids": ids}, os.path.join(out_dir, "result.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
