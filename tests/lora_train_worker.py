@@ -61,7 +61,7 @@ def main(out_dir: str, *extra: str) -> None:
             "--num-layers", str(arch["num_layers"]), "--hidden-size", str(arch["hidden_size"]),
             "--num-attention-heads", str(arch["num_attention_heads"]), "--vocab-size", str(arch["vocab_size"]),
             "--max-sequence-length", str(arch["max_sequence_length"]), "--hidden-dropout", "0",
-            "--attention-dropout", "0"] + extra
+            "--attention-dropout", "0"] + list(extra)
     parser = add_lora_args(GPT2Model.add_model_specific_args(argparse.ArgumentParser()))
     args = sat_quant.get_args(argv, parser=parser)
     assert args.deepspeed and args.device == "cpu", (args.deepspeed, args.device)
