@@ -183,3 +183,38 @@ def tiny_cogvlm_inputs(seq_len: int = 266, seed: int = 0, *, dtype: torch.dtype 
     if device is not None:
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     return inputs
+
+
+def greedy_generate(model: torch.nn.Module, new_tokens: int = 8, seq_len: int = 270,
+                    lean: bool = False, **input_kw: Any) -> torch.Tensor:
+    """Greedy generation the way CogVLM's ``chat()`` runs it: SAT's ``filling_sequence`` with the
+    cached-autoregressive mixin on the :func:`tiny_cogvlm_inputs` image+text prompt. ``lean`` adds
+    :func:`sat_quant.generation.last_position_logits`. Returns the token sequence [1, seq_len + new_tokens]."""
+    from sat.generation.autoregressive_sampling import filling_sequence
+    from sat.generation.sampling_strategies import BaseStrategy
+    from sat.model.mixins import CachedAutoregressiveMixin
+
+    from sat_quant.generation import last_position_logits
+    inputs = tiny_cogvlm_inputs(seq_len=seq_len, dtype=next(model.parameters()).dtype, **input_kw)
+    context = inputs.pop("input_ids")[0]
+    positions = inputs.pop("position_ids")[0]
+    inputs.pop("attention_mask")
+    total = len(context) + new_tokens
+    seq = torch.cat([context, torch.full((new_tokens,), -1, dtype=torch.long)])
+    all_positions = torch.cat([positions, positions[-1] + 1 + torch.arange(new_tokens)]).unsqueeze(0)
+
+    def masks_and_positions(tokens_seq):
+        return tokens_seq.unsqueeze(0), torch.ones(1, 1, total, total).tril(), all_positions
+
+    model.add_mixin("auto-regressive", CachedAutoregressiveMixin())
+    try:
+        strategy = BaseStrategy(temperature=1.0, top_k=1, end_tokens=[-5])  # -5: never ends early
+        with torch.no_grad():
+            if lean:
+                with last_position_logits(model):
+                    return filling_sequence(model, seq, batch_size=1, strategy=strategy,
+                                            get_masks_and_position_ids=masks_and_positions, **inputs)[0]
+            return filling_sequence(model, seq, batch_size=1, strategy=strategy,
+                                    get_masks_and_position_ids=masks_and_positions, **inputs)[0]
+    finally:
+        model.del_mixin("auto-regressive")
