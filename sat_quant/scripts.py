@@ -86,7 +86,8 @@ def _weight_estimate(path: str, ns: argparse.Namespace):
         cls = _model_class(None, model_config, path)
         meta_args = fill_script_defaults(argparse.Namespace(**{**vars(ns), **model_config}))
         config = config_from_args(meta_args)
-        dtype = torch.bfloat16 if getattr(ns, "bf16", False) else torch.float16
+        dtype = (torch.bfloat16 if getattr(ns, "bf16", False) else
+                 torch.float16 if getattr(ns, "fp16", False) else torch.float32)
         est = estimate_weights(build_on_meta(cls, meta_args, dtype), config)
         return est.weight_bytes // max(1, int(getattr(ns, "model_parallel_size", 1) or 1))
     return price
