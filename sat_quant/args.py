@@ -38,6 +38,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--quant-backend", type=str, choices=list(BACKEND_CHOICES), default="auto",
         help="kernel backend; auto picks the fastest that runs on the device")
     add("--quant-lm-head", action="store_true", default=False, help="also quantize the LM head")
+    add("--quant-budget", type=str, default=None,
+        help="mixed precision by size: '5.0bpp' (bits/param of the quantized linears) or a model size such as "
+             "'10GB' / '9.5GiB'; used by `sat-quant plan` and `sat-quant convert` (see sat_quant.planner)")
     # Not typed by users: SAT's save_checkpoint dumps it into model_config.json as the "quantization" block.
     add("--quantization", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser
@@ -85,6 +88,9 @@ def validate_quant_args(args: argparse.Namespace) -> Optional[QuantConfig]:
     """
     if getattr(args, "fp16", False) and getattr(args, "bf16", False):
         raise QuantConfigError("--fp16 and --bf16 were both given; pass only one of them (or neither for fp32).")
+    if getattr(args, "quant_budget", None):
+        from .planner import parse_budget
+        parse_budget(args.quant_budget)  # an unreadable budget is refused here, naming the accepted forms
     config = config_from_args(args)
     if config is None:
         return None

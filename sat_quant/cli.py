@@ -18,11 +18,29 @@ def _demo(ns: argparse.Namespace) -> int:
 def _convert(ns: argparse.Namespace) -> int:
     from .args import validate_quant_args
     from .convert import convert
+    if getattr(ns, "quant_budget", None) and ns.quant is None and ns.quant_format is None:
+        ns.quant = 4  # a budget plans 4-bit formats (and int8 where it pays): it implies --quant 4
     config = validate_quant_args(ns)
     if config is None:
-        raise QuantConfigError("convert needs --quant 4|8 (or --quant-format).")
+        raise QuantConfigError("convert needs --quant 4|8 (or --quant-format, or --quant-budget).")
+    if ns.quant_budget:
+        from .planner import plan_checkpoint
+        plan = plan_checkpoint(ns.src, ns.quant_budget, config=config, imports=ns.imports)
+        print(plan.summary())
+        config = plan.to_config()
     convert(ns.src, ns.dst, config, imports=ns.imports, overwrite=ns.overwrite, progress=not ns.quiet)
     print(f"wrote {ns.dst}")
+    return 0
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from .config import QuantConfig
+    from .planner import plan_checkpoint
+    config = QuantConfig(bits=4, skip=tuple(ns.quant_skip or ()), quantize_lm_head=ns.quant_lm_head)
+    plan = plan_checkpoint(ns.src, ns.quant_budget, candidates=ns.candidates, config=config, imports=ns.imports)
+    plan.save(ns.out)
+    print(plan.summary())
+    print(f"wrote {ns.out}: pass it as --quant-plan {ns.out} (sat-quant convert, from_pretrained, any SAT script)")
     return 0
 
 
@@ -100,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=_convert, fp16=False, bf16=False, device="cpu")
+
+    pln = sub.add_parser("plan", help="choose each layer's format to fit --quant-budget (writes a --quant-plan file)")
+    pln.add_argument("src", help="a full-precision SAT checkpoint folder")
+    pln.add_argument("--quant-budget", required=True,
+                     help="'5.0bpp' (bits/param of the quantized linears) or a model size: '500MB', '10GB', '9.5GiB'")
+    pln.add_argument("--out", "-o", required=True, help="the plan JSON to write")
+    pln.add_argument("--candidates", nargs="+", default=["int4:128", "int4c:64", "int8"],
+                     help="formats the planner may pick per layer, 'fmt[:group]' or 'fp'")
+    pln.add_argument("--quant-skip", type=str, nargs="*", default=[], help="globs kept full precision, not planned")
+    pln.add_argument("--quant-lm-head", action="store_true", help="plan the LM head too")
+    pln.add_argument("--import", dest="imports", action="append", default=[])
+    pln.set_defaults(func=_plan)
 
     insp = sub.add_parser("inspect", help="per-layer table of a checkpoint: format, bits, group, bytes")
     insp.add_argument("path")

@@ -7,9 +7,10 @@ from ..errors import QuantConfigError
 from .base import LayerSpec, WeightFormat, pack_nibbles, unpack_nibbles
 from .float4 import FP4, NF4
 from .int4 import Int4Grouped
+from .int4c import Int4Compact
 from .int8 import Int8PerChannel
 
-FORMATS: Dict[str, WeightFormat] = {f.name: f for f in (Int8PerChannel(), Int4Grouped(), NF4(), FP4())}
+FORMATS: Dict[str, WeightFormat] = {f.name: f for f in (Int8PerChannel(), Int4Grouped(), Int4Compact(), NF4(), FP4())}
 DEFAULT_FORMAT_FOR_BITS = {8: "int8", 4: "int4"}
 
 

@@ -1,0 +1,145 @@
+"""Choosing int4 values better than round-to-nearest, for any layout of ``w ≈ (code - zero) * scale``.
+
+Two steps, both optional and both layout-agnostic (a format passes ``round_scale``, which maps a scale to
+the nearest one its storage can hold, so every candidate is judged as it will be dequantized):
+
+- :func:`search_scale_zero`: per group, try shrunken [min, max] ranges (clipping a few outliers often
+  lowers the error of all the other weights), then refit the scale by least squares for the chosen codes;
+  keep whichever has the least (importance-weighted) squared error. Data-free when ``importance`` is None.
+- :func:`gptq_codes`: GPTQ (Frantar et al. 2022) with fixed ("static") group parameters: codes are chosen
+  one input column at a time and each column's rounding error is pushed onto the columns not yet rounded,
+  weighted by the inverse of the calibration Hessian ``H = E[x x^T]``. Static groups let the columns run
+  in decreasing ``diag(H)`` order (act-order) while groups stay contiguous in the saved layout.
+
+Measured on all-MiniLM-L6-v2 (239 sentences, mean cosine vs fp32), group 64: round-to-nearest 0.967,
+search 0.971, search weighted by diag(H) 0.974, + GPTQ (32 calibration sentences, damp 0.1) 0.986.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+ScaleRounder = Callable[[torch.Tensor], torch.Tensor]
+
+MIN_SCALE = 2.0 ** -24  # smallest positive fp16: an all-zero group still divides safely
+# (shrink of the negative end, shrink of the positive end): a 5 x 5 grid from no clipping to 28% clipped;
+# finer grids gained < 0.001 mean cosine on MiniLM at twice the time.
+DEFAULT_SHRINKS: Tuple[Tuple[float, float], ...] = tuple(
+    (a, b) for a in (1.0, 0.93, 0.86, 0.79, 0.72) for b in (1.0, 0.93, 0.86, 0.79, 0.72))
+REFINE_STEPS = 2  # least-squares rescaling rounds per candidate; a third changed nothing measurable
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (torch.round(w / scale[..., None]) + zero[..., None]).clamp_(0, 15)
+
+
+def _weighted_error(w3, scale, zero, weight) -> torch.Tensor:
+    """sum over each group of weight * (w - dequantized)^2, in one temporary (in-place steps: this is the hot loop)."""
+    s, z = scale[..., None], zero[..., None]
+    t = torch.div(w3, s).round_().add_(z).clamp_(0, 15).sub_(z).mul_(s).sub_(w3).square_()
+    if weight is not None:
+        t.mul_(weight)
+    return t.sum(-1)
+
+
+def rtn_scale_zero(w3: torch.Tensor, round_scale: ScaleRounder) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest parameters: the grid spans [min(w, 0), max(w, 0)] so 0 is exact. ``w3`` is [n, G, g]."""
+    wmin = w3.amin(dim=-1).clamp(max=0.0)
+    wmax = w3.amax(dim=-1).clamp(min=0.0)
+    scale = round_scale(((wmax - wmin) / 15.0).clamp(min=MIN_SCALE))
+    return scale, torch.round(-wmin / scale).clamp_(0, 15)
+
+
+def search_scale_zero(w3: torch.Tensor, round_scale: ScaleRounder, importance: Optional[torch.Tensor] = None,
+                      shrinks: Sequence[Tuple[float, float]] = DEFAULT_SHRINKS,
+                      refine: int = REFINE_STEPS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) with the least importance-weighted squared error; ``w3`` is [n, G, g] float32,
+    ``importance`` [G, g] (e.g. the calibration inputs' mean square per input column) or None (all equal).
+
+    Every shrink candidate is scored, then the winner's scale is refit by least squares ``refine`` times
+    (kept only where it lowers the error). Peak extra memory: about two float32 copies of the weight.
+    """
+    weight = None if importance is None else importance.to(w3.dtype)
+    wmin = w3.amin(dim=-1).clamp(max=0.0)
+    wmax = w3.amax(dim=-1).clamp(min=0.0)
+    best_err = best_scale = best_zero = None
+    for lo, hi in shrinks:
+        scale = round_scale(((wmax * hi - wmin * lo) / 15.0).clamp(min=MIN_SCALE))
+        zero = torch.round(-wmin * lo / scale).clamp_(0, 15)
+        err = _weighted_error(w3, scale, zero, weight)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    for _ in range(refine):  # least squares for the chosen codes d = code - zero: scale = <w, d>_h / <d, d>_h
+        d = _codes(w3, best_scale, best_zero).sub_(best_zero[..., None])
+        hd = d if weight is None else d * weight
+        fit = (hd * w3).sum(-1) / (hd * d).sum(-1).clamp(min=1e-30)
+        del d, hd
+        fit = round_scale(fit.clamp(min=MIN_SCALE))
+        fit_err = _weighted_error(w3, fit, best_zero, weight)
+        better = fit_err < best_err
+        best_scale, best_err = torch.where(better, fit, best_scale), torch.where(better, fit_err, best_err)
+    return best_scale, best_zero
+
+
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, scale: torch.Tensor,
+               zero: torch.Tensor, *, damp: float = 0.1, act_order: bool = True, block: int = 128) -> torch.Tensor:
+    """[n, k] uint8 codes 0..15 for ``weight`` [n, k] with fixed per-group ``scale``/``zero`` [n, k/g].
+
+    ``hessian`` [k, k] is ``E[x x^T]`` of the layer's inputs. ``damp`` adds that fraction of the mean diagonal
+    to the diagonal: with few calibration tokens H is (near) singular; 0.1 scored best on MiniLM with 32
+    sentences (0.03: 0.985, 0.1: 0.986, 0.3: 0.986, and fewer bad sentences than 0.03).
+    """
+    n, k = weight.shape
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) <= 0  # columns never seen active: no error feedback from or to them
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
+    h = h[perm][:, perm]
+    h.diagonal().add_(damp * torch.diag(h).mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # transposed [k, n]: one input column is one contiguous row, which the column loop reads and updates
+    wt = weight.detach().float().t()[perm].contiguous()
+    group_of = perm // group_size  # the group each (permuted) column belongs to in the saved layout
+    col_scale = scale.float().t()[group_of].contiguous()  # [k, n]
+    col_zero = zero.float().t()[group_of].contiguous()
+    codes = torch.empty(k, n, dtype=torch.uint8)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb = wt[b0:b1]
+        errs = torch.empty_like(wb)
+        hb = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            s, z = col_scale[b0 + j], col_zero[b0 + j]
+            q = torch.div(wb[j], s).round_().add_(z).clamp_(0, 15)
+            codes[b0 + j] = q.to(torch.uint8)
+            e = q.sub_(z).mul_(s).neg_().add_(wb[j]).div_(hb[j, j])  # (w - dequantized) / hinv[j, j]
+            wb[j + 1:].addr_(hb[j, j + 1:], e, alpha=-1.0)
+            errs[j] = e
+        if b1 < k:
+            wt[b1:].addmm_(hinv[b0:b1, b1:].t(), errs, alpha=-1.0)
+    out = torch.empty_like(codes)
+    out[perm] = codes
+    return out.t().contiguous()
+
+
+def choose_int4(weight: torch.Tensor, group_size: int, round_scale: ScaleRounder, *,
+                hessian: Optional[torch.Tensor] = None, search: bool = False, damp: float = 0.1,
+                act_order: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [n, k], scale [n, G], zero [n, G]) for ``weight`` [n, k]: GPTQ over importance-weighted
+    searched parameters when a ``hessian`` is given, searched parameters when ``search``, else round-to-nearest."""
+    n, k = weight.shape
+    g = k // group_size
+    w3 = weight.detach().float().reshape(n, g, group_size)
+    if hessian is not None:
+        importance = torch.diag(hessian).float().clamp(min=0).reshape(g, group_size)
+        scale, zero = search_scale_zero(w3, round_scale, importance)
+        codes = gptq_codes(weight, hessian, group_size, scale, zero, damp=damp, act_order=act_order)
+        return codes, scale, zero
+    scale, zero = search_scale_zero(w3, round_scale) if search else rtn_scale_zero(w3, round_scale)
+    return _codes(w3, scale, zero).to(torch.uint8).reshape(n, k), scale, zero
