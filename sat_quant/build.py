@@ -234,6 +234,8 @@ def _quantize_built(model: nn.Module, args: argparse.Namespace, config: QuantCon
     model.quant_report = quantize_(model, config, device=device, init_std=init_std)
     attach_quant_mixin(model, config)
     record_in_args(args, model, config)
+    from .lora import attach_lora_from_args  # a QLoRA checkpoint's adapters, for SAT's own from_pretrained/--load
+    attach_lora_from_args(model, args)
     if target_device(args).type == "cpu":
         from .compat import apply_cpu_compat, install_xformers_cpu_fallback
         apply_cpu_compat(model)
