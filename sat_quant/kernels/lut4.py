@@ -17,7 +17,7 @@ from .build import build_library
 
 log = logging.getLogger("sat_quant.kernels")
 
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-Wno-maybe-uninitialized")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: Above this many activation rows the weight is dequantized once (C++) and a dense GEMM runs: per-row lookups
 #: stop paying off when the GEMM's blocking can reuse each weight many times.
