@@ -10,10 +10,13 @@ Public API (see README.md):
   ``merge_lora`` (offline, on a QLoRA checkpoint)
 - layers: ``QuantLinear``, ``QuantColumnParallelLinear``, ``QuantRowParallelLinear``
 - report: ``quant_report``, ``QuantReport``
+- quality: ``quantize_calibrated_`` (GPTQ from a few inputs), ``plan_quantization`` / ``quantize_to_budget_``
+  (per-layer formats to fit ``--quant-budget``), ``QuantPlan``
 - scripts (patches/): ``sat_quant.scripts.load_for_inference``; ``oom_guidance`` (advice instead of a bare OOM)
 - CPU helpers: ``apply_cpu_compat``, ``install_xformers_cpu_fallback``
 """
 from .args import add_quant_args, get_args, validate_quant_args
+from .calibration import quantize_calibrated_
 from .build import get_model, linear_weights_on_meta, quantize_, quantized_class
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import QuantConfig
@@ -25,6 +28,7 @@ from .loading import from_pretrained
 from .lora import QuantLoraMixin, add_lora_, merge_lora_
 from .mixin import QuantMixin
 from .oom import QuantOutOfMemoryError, oom_guidance
+from .planner import QuantPlan, plan_quantization, quantize_to_budget_
 from .report import QuantReport, quant_report
 
 __version__ = "0.1.0"
@@ -42,5 +46,6 @@ __all__ = ["add_quant_args", "get_args", "validate_quant_args", "QuantConfig",
            "save_checkpoint", "from_pretrained", "convert", "dequantize", "reshard", "merge_lora", "add_lora_", "merge_lora_",
            "QuantLoraMixin",
            "QuantLinear", "QuantColumnParallelLinear", "QuantRowParallelLinear", "QuantMixin",
-           "QuantReport", "quant_report", "FORMATS", "get_format", "apply_cpu_compat", "install_xformers_cpu_fallback",
+           "QuantReport", "quant_report", "quantize_calibrated_", "plan_quantization", "quantize_to_budget_",
+           "QuantPlan", "FORMATS", "get_format", "apply_cpu_compat", "install_xformers_cpu_fallback",
            "QuantError", "QuantConfigError", "QuantOutOfMemoryError", "oom_guidance", "QuantBackendError", "CheckpointError", "__version__"]
