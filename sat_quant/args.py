@@ -91,6 +91,13 @@ def validate_quant_args(args: argparse.Namespace) -> Optional[QuantConfig]:
     if getattr(args, "quant_budget", None):
         from .planner import parse_budget
         parse_budget(args.quant_budget)  # an unreadable budget is refused here, naming the accepted forms
+        # planning needs the fp weights; a build with --quant has none (it quantizes as they stream in), so
+        # only the commands that plan first (sat-quant plan / convert) take the flag, and they consume it
+        raise QuantConfigError(f"--quant-budget {args.quant_budget} needs the full-precision weights to plan: run "
+                               f"`sat-quant plan SRC --quant-budget {args.quant_budget} -o plan.json` and pass "
+                               f"--quant-plan plan.json, or `sat-quant convert SRC DST --quant-budget "
+                               f"{args.quant_budget}`, or call sat_quant.quantize_to_budget_(model, "
+                               f"'{args.quant_budget}') on a loaded full-precision model.")
     config = config_from_args(args)
     if config is None:
         return None

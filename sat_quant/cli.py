@@ -18,14 +18,15 @@ def _demo(ns: argparse.Namespace) -> int:
 def _convert(ns: argparse.Namespace) -> int:
     from .args import validate_quant_args
     from .convert import convert
-    if getattr(ns, "quant_budget", None) and ns.quant is None and ns.quant_format is None:
+    budget, ns.quant_budget = getattr(ns, "quant_budget", None), None  # consumed here: plan, then convert
+    if budget and ns.quant is None and ns.quant_format is None:
         ns.quant = 4  # a budget plans 4-bit formats (and int8 where it pays): it implies --quant 4
     config = validate_quant_args(ns)
     if config is None:
         raise QuantConfigError("convert needs --quant 4|8 (or --quant-format, or --quant-budget).")
-    if ns.quant_budget:
+    if budget:
         from .planner import plan_checkpoint
-        plan = plan_checkpoint(ns.src, ns.quant_budget, config=config, imports=ns.imports)
+        plan = plan_checkpoint(ns.src, budget, config=config, imports=ns.imports)
         print(plan.summary())
         config = plan.to_config()
     convert(ns.src, ns.dst, config, imports=ns.imports, overwrite=ns.overwrite, progress=not ns.quiet)

@@ -49,7 +49,9 @@ def test_quant_budget_flag_is_validated():
     args = sat_args("gpt2", quant=4, quant_budget="lots")
     with pytest.raises(QuantConfigError, match="--quant-budget 'lots'.*5.0bpp"):
         sat_quant.validate_quant_args(args)
-    assert sat_quant.validate_quant_args(sat_args("gpt2", quant=4, quant_budget="5bpp")) is not None
+    # a build has no fp weights to plan from: the flag is refused there with the commands that plan first
+    with pytest.raises(QuantConfigError, match="needs the full-precision weights.*sat-quant plan.*--quant-plan"):
+        sat_quant.validate_quant_args(sat_args("gpt2", quant=4, quant_budget="5bpp"))
 
 
 # -- the knapsack -----------------------------------------------------------------------------------
