@@ -173,3 +173,21 @@ def test_gptq_with_identity_hessian_equals_rounding_to_nearest_on_its_grid():
     zero = torch.full((16, 2), 8.0)
     codes = gptq_codes(w, torch.eye(128), 64, scale, zero, damp=0.0)
     assert torch.equal(codes, _codes(w.reshape(16, 2, 64), scale, zero).to(torch.uint8).reshape(16, 128))
+
+
+def test_int4c_shards_can_share_the_whole_rows_scale():
+    # a row-parallel layer split in two: with the whole row's reference both shards store the same row_scale,
+    # and each still reconstructs its half as well as on its own (codes are re-chosen against that scale)
+    from sat_quant.formats.int4c import row_reference
+    fmt = get_format("int4c")
+    w = torch.randn(32, 256)
+    w[:, 128:] *= 4.0  # the second half dominates every row's range
+    halves = (w[:, :128], w[:, 128:])
+    spec = fmt.spec(32, 128, 64)
+    shared = torch.maximum(*(row_reference(h, 64) for h in halves))
+    tensors = [fmt.quantize(h, spec, row_scale=shared) for h in halves]
+    assert torch.equal(tensors[0]["row_scale"], tensors[1]["row_scale"])
+    for h, t in zip(halves, tensors):
+        alone = fmt.dequantize(fmt.quantize(h, spec), spec)
+        together = fmt.dequantize(t, spec)
+        assert ((together - h) ** 2).sum() <= 1.05 * ((alone - h) ** 2).sum()

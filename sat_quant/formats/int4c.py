@@ -38,6 +38,11 @@ def _row_scale(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return (span.amax(dim=1, keepdim=True) / 15.0).clamp(min=MIN_SCALE).half().float()
 
 
+def row_reference(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [out]: the ``row_scale`` this shard would store on its own (take the max over ranks to share one)."""
+    return _row_scale(weight, group_size)[:, 0]
+
+
 def _rounder(row: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Maps group scales [n, G] to the nearest ``row * code / 255`` with code 1..255."""
     def round_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -74,9 +79,16 @@ class Int4Compact(WeightFormat):
                 "row_scale": ((n,), torch.float16)}
 
     def quantize(self, weight: torch.Tensor, spec: LayerSpec, *, hessian: Optional[torch.Tensor] = None,
-                 search: bool = True, damp: float = 0.1, act_order: bool = True) -> Dict[str, torch.Tensor]:
-        """Searched scales/zeros (default; ``search=False``: round to nearest), GPTQ with a ``hessian`` [in, in]."""
-        row = _row_scale(weight, spec.group_size)
+                 search: bool = True, damp: float = 0.1, act_order: bool = True,
+                 row_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Searched scales/zeros (default; ``search=False``: round to nearest), GPTQ with a ``hessian`` [in, in].
+
+        ``row_scale`` [out] overrides the per-row reference: a row-parallel shard passes the whole row's
+        (the max of :func:`row_reference` over ranks) so every rank stores the same ``row_scale`` and shards
+        merge without requantizing, as int8's ``row_absmax`` does.
+        """
+        row = _row_scale(weight, spec.group_size) if row_scale is None else \
+            row_scale.float().reshape(-1, 1).clamp(min=MIN_SCALE).half().float()
         codes, scale, zero = choose_int4(weight, spec.group_size, _rounder(row), hessian=hessian, search=search,
                                          damp=damp, act_order=act_order)
         zero = zero.to(torch.uint8)
