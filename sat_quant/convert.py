@@ -162,6 +162,9 @@ def merge_lora(src: str, dst: str, *, full_precision: bool = False, imports: Opt
     if merged == 0:
         raise CheckpointError(f"{src} records LoRA settings but no adapter was rebuilt; the checkpoint is inconsistent.")
     args.quant_lora = None
+    for flag in ("use_lora", "use_qlora"):  # CogVLM's finetune flags: the merged model has no adapters to add
+        if getattr(args, flag, False):
+            setattr(args, flag, False)
     iteration = read_latest(src)
     if full_precision:
         return _write_full_precision(model, src, dst, iteration, dtype)

@@ -40,7 +40,7 @@ def _model_class(model_cls, model_config: Dict[str, Any], path: str):
 def fill_script_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill what SAT scripts put in their namespace and some models (CogVLM's EVA tower) read while building."""
     for key, value in dict(world_size=1, rank=0, local_rank=0, deepspeed=None, use_gpu_initialization=False,
-                           seed=1234, mode="inference").items():
+                           seed=1234, mode="inference", fp16=False, bf16=False, device="cpu").items():
         if not hasattr(args, key):
             setattr(args, key, value)
     return args

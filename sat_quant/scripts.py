@@ -133,6 +133,20 @@ def load_for_inference(name: str, args: argparse.Namespace, *, model_cls=None,
     return model.eval(), model_args
 
 
+def load_model(model_cls, name: str, args: argparse.Namespace, *,
+               overwrite_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, argparse.Namespace]:
+    """``model_cls.from_pretrained(name, args, overwrite_args=...)`` for training/evaluation scripts that build
+    their own full SAT namespace: sat_quant's loader when ``--quant`` is given or the checkpoint is sat_quant's
+    (full precision + --quant is quantized as it is read; a quantized one loads as saved, model-parallel shards
+    split or merged without dequantizing), SAT's own otherwise, exactly as the unpatched script."""
+    path = resolve_checkpoint(name)
+    overwrite = dict(overwrite_args or {})
+    if validate_quant_args(args) is not None or is_quantized_checkpoint(path):
+        from .loading import from_pretrained
+        return from_pretrained(model_cls, path, args=args, overwrite_args=overwrite)
+    return model_cls.from_pretrained(path, args, overwrite_args=overwrite)
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype activations should have: that of the model's floating-point parameters (quantized layers keep
     their packed tensors outside ``parameters()``), fp32 when there are none."""

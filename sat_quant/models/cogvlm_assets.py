@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import os
 import random
 import sys
@@ -107,18 +108,21 @@ def save_tiny_checkpoint(out_dir: str, cogvlm_dir: Optional[str] = None, seed: i
 
 
 def make_tokenizer(out_dir: str, vocab_size: int = 600, seed: int = 0) -> str:
-    """Train a small SentencePiece BPE model (ids: unk 0, bos 1, eos 2, as LLaMA) into a LlamaTokenizer folder."""
+    """Train a small SentencePiece BPE model (ids: unk 0, bos 1, eos 2 as LLaMA; pad 3) into a LlamaTokenizer folder."""
     import sentencepiece as spm
     rng = random.Random(seed)
     sentences = [" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(400)]
     sentences += ["[INST] [/INST] Question: Answer: Short answer: CAPTCHA:"] * 8  # CogVLM's prompt markers
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=3,
                                    hard_vocab_limit=False, byte_fallback=True, minloglevel=2)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        # an in-vocabulary pad token: CogVLM's llama2_tokenizer would set id 32000, outside this small vocabulary
+        json.dump({"pad_token": "<pad>", "tokenizer_class": "LlamaTokenizer"}, f)
     return out_dir
 
 
