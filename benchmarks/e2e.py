@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: 32000-token vocabulary would at this width
 LLAMA_ARCH = dict(num_layers=8, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2816, vocab_size=8192,
                   max_sequence_length=512, layernorm_order="pre")
-PROMPT_TOKENS, NEW_TOKENS, REPEATS = 32, 24, 3
+PROMPT_TOKENS, NEW_TOKENS, REPEATS = 32, 24, 2
 BITS = {"int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
 #: variant -> (format or None, activation dtype)
 VARIANTS: Dict[str, Tuple[Optional[str], str]] = {
@@ -104,6 +104,20 @@ def _init_sat() -> None:
         _simple_init(model_parallel_size=1, seed=1234)
 
 
+def _timed_greedy():
+    """SAT's BaseStrategy with top-k 1 (greedy), noting when the prompt's forward has produced the first logits."""
+    from sat.generation.sampling_strategies import BaseStrategy
+
+    class TimedGreedy(BaseStrategy):
+        first = None
+
+        def forward(self, *args, **kwargs):
+            if self.first is None:
+                self.first = time.perf_counter()
+            return super().forward(*args, **kwargs)
+    return TimedGreedy(top_k=1, end_tokens=[])
+
+
 class Runner:
     """One built variant with SAT's KV cache; ``generate(n)`` runs a greedy ``filling_sequence`` of n new tokens."""
 
@@ -122,18 +136,19 @@ class Runner:
                                                                             for m in layers)
         self.kw = dict(inputs, get_masks_and_position_ids=masks) if masks else dict(inputs)
 
-    def generate(self, new: int) -> Tuple[float, List[int]]:
+    def generate(self, new: int) -> Tuple[float, List[int], float]:
+        """(seconds of the whole call, the new tokens, seconds of the prompt's forward = time to first token)."""
         import torch
         from sat.generation.autoregressive_sampling import filling_sequence
-        from sat.generation.sampling_strategies import BaseStrategy
         seq = torch.cat([self.prompt, torch.full((new,), -1, dtype=self.prompt.dtype)])
+        strategy = _timed_greedy()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = filling_sequence(self.model, seq, batch_size=1, strategy=BaseStrategy(top_k=1, end_tokens=[]),
-                                   **self.kw)[0]
+            out = filling_sequence(self.model, seq, batch_size=1, strategy=strategy, **self.kw)[0]
+        end = time.perf_counter()
         tokens = out[0, len(self.prompt):].tolist()
         assert len(tokens) == new, tokens
-        return time.perf_counter() - t0, tokens
+        return end - t0, tokens, strategy.first - t0
 
 
 def probe(model_name: str, variant: str, new_tokens: int = 4) -> dict:
@@ -145,24 +160,30 @@ def probe(model_name: str, variant: str, new_tokens: int = 4) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM from here on: the model and its generation, not the imports
     runner = Runner(model_name, variant)
-    seconds, tokens = runner.generate(new_tokens)
+    seconds, tokens, _ = runner.generate(new_tokens)
     return {"model": model_name, "variant": variant, "tokens": tokens, "seconds": seconds, "build_s": runner.build_s,
             "weight_bytes": _weight_bytes(runner.model), "peak_growth": _peak_rss() - baseline,
             "baseline": baseline, "backends": runner.backends, "params": runner.params}
 
 
-def time_side_by_side(model_name: str, variants, rounds: int = REPEATS) -> Dict[str, float]:
-    """tokens/s of each variant, all built in this process and timed round-robin (best of ``rounds``), so that a
-    busy spell on a shared machine hits every variant alike instead of one."""
+def time_side_by_side(model_name: str, variants, rounds: int = REPEATS) -> Dict[str, Dict[str, float]]:
+    """Per variant: decode tokens/s (tokens after the first, over their time), prompt (prefill) seconds and overall
+    tokens/s, all variants built in this process and timed round-robin (best of ``rounds``), so that a busy spell
+    on a shared machine hits every variant alike instead of one."""
     _init_sat()
     runners = {v: Runner(model_name, v) for v in variants}
     for r in runners.values():
         r.generate(2)  # warm-up: first-call allocations, lazy imports
-    best = {v: float("inf") for v in variants}
+    best: Dict[str, Dict[str, float]] = {v: {"decode": 0.0, "prefill_s": float("inf"), "overall": 0.0}
+                                         for v in variants}
     for _ in range(rounds):
         for v, r in runners.items():
-            best[v] = min(best[v], r.generate(NEW_TOKENS)[0])
-    return {v: NEW_TOKENS / s for v, s in best.items()}
+            total, _, first = r.generate(NEW_TOKENS)
+            b = best[v]
+            b["decode"] = max(b["decode"], (NEW_TOKENS - 1) / (total - first))
+            b["prefill_s"] = min(b["prefill_s"], first)
+            b["overall"] = max(b["overall"], NEW_TOKENS / total)
+    return best
 
 
 # -- driver ---------------------------------------------------------------------------------------------------
@@ -183,13 +204,14 @@ def _label(variant: str) -> Tuple[str, str]:
 def _table(results: List[dict]) -> List[str]:
     by = {r["variant"]: r for r in results}
     fp32, bf16 = by["fp32"]["tokens_per_s"], by["bf16"]["tokens_per_s"]
-    lines = ["| weights | activations | backend | tokens/s | vs fp32 | vs bf16 | weights (MiB) | peak RSS growth (MiB) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| weights | activations | backend | decode tokens/s | vs fp32 | vs bf16 | prompt (ms) | overall tokens/s "
+             "| weights (MiB) | peak RSS growth (MiB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         w, act = _label(r["variant"])
         backend = ", ".join(r["backends"]) or "torch dense"
         lines.append(f"| {w} | {act} | {backend} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / fp32:.2f}x | "
-                     f"{r['tokens_per_s'] / bf16:.2f}x | {r['weight_bytes'] / 2**20:.0f} | "
+                     f"{r['tokens_per_s'] / bf16:.2f}x | {1000 * r['prefill_s']:.0f} | {r['overall']:.1f} | "
+                     f"{r['weight_bytes'] / 2**20:.0f} | "
                      f"{r['peak_growth'] / 2**20:.0f} |")
     return lines
 
@@ -199,16 +221,19 @@ def run(models: Tuple[str, ...] = ("llama", "cogvlm")) -> str:
     start, load = time.perf_counter(), load_average()
     lines = ["## End to end: greedy generation on CPU", "",
              f"SAT's `filling_sequence` + `CachedAutoregressiveMixin`, greedy (top-k 1), prompt {PROMPT_TOKENS} "
-             f"text tokens, {NEW_TOKENS} new tokens; tokens/s = new tokens / seconds of the whole call (prefill "
-             f"included), best of {REPEATS} after a warm-up. Each row is a fresh process (`python -m benchmarks.e2e "
-             "probe MODEL VARIANT`): peak RSS growth is VmHWM over the post-import baseline, through build and "
-             "generation. Quantized variants are built with `sat_quant.get_model` (`--quant N --quant-format F`, "
-             "`--bf16` for bf16 activations), backend `auto`; embeddings and the LM head stay full precision.", ""]
+             f"text tokens, {NEW_TOKENS} new tokens, same for every variant. Decode tokens/s: the tokens after the "
+             "first over their time (the KV-cached steps); prompt: time to the first token (the prompt's forward); "
+             "overall: new tokens over the whole call. All variants of a model are built in one process and timed "
+             f"round-robin, best of {REPEATS} rounds after a warm-up, so load from other processes hits them alike. "
+             "Memory comes from a fresh process per variant (`python -m benchmarks.e2e probe MODEL VARIANT`: build, "
+             "generate 4 tokens): weights = quantized tensors + float parameters; peak RSS growth = VmHWM over the "
+             "post-import baseline. Quantized variants: `sat_quant.get_model` with `--quant N --quant-format F` "
+             "(`--bf16` for bf16 activations), backend `auto`; embeddings and the LM head stay full precision.", ""]
     for model_name in models:
         variants = VARIANTS if model_name == "llama" else COGVLM_VARIANTS
         results = [_run_probe(model_name, v) for v in variants]
-        for r, (v, tps) in zip(results, time_side_by_side(model_name, variants).items()):
-            r["tokens_per_s"] = tps
+        for r, (v, t) in zip(results, time_side_by_side(model_name, variants).items()):
+            r.update(tokens_per_s=t["decode"], prefill_s=t["prefill_s"], overall=t["overall"])
         params = results[0]["params"]
         if model_name == "llama":
             arch = ", ".join(f"{k} {v}" for k, v in LLAMA_ARCH.items() if k != "max_sequence_length")
@@ -237,7 +262,7 @@ def _verdict(model_name: str, results: List[dict]) -> List[str]:
     worst = min(four, key=four.get)
     if model_name == "llama":
         met = [v for v, x in four.items() if x >= 3.0]
-        text = (f"Target (4-bit ≥ 3x fp32 tokens/s): {len(met)} of {len(four)} 4-bit variants meet it; best "
+        text = (f"Target (4-bit ≥ 3x fp32 decode tokens/s): {len(met)} of {len(four)} 4-bit variants meet it; best "
                 f"{best} {four[best]:.2f}x, worst {worst} {four[worst]:.2f}x")
         if len(met) < len(four):
             text += (f" ({3.0 / four[worst]:.2f}x short). Per token, fp32 streams "
@@ -246,11 +271,11 @@ def _verdict(model_name: str, results: List[dict]) -> List[str]:
                      "not streamed); what does not shrink — attention, norms, rotary, the fp32 LM head and SAT's "
                      "per-layer Python hooks — caps the gain")
         return [text + "."]
-    return [f"4-bit vs fp32 here: {worst} {four[worst]:.2f}x .. {best} {four[best]:.2f}x. This model's language "
-            "model is tiny (hidden 256): a decoding step moves ~1 MiB of weights, so its time is SAT's per-layer "
-            "Python and the attention over the 290-token cache, not weight bytes; the prompt's EVA2-CLIP pass "
-            "(257 patches, batch > 64 rows) runs the dequantize-then-GEMM path. The memory columns are what "
-            "quantization buys at this size."]
+    return [f"4-bit vs fp32 decode here: {worst} {four[worst]:.2f}x .. {best} {four[best]:.2f}x. This model's "
+            "language model is tiny (hidden 256): a decoding step moves ~1 MiB of weights, so its time is SAT's "
+            "per-layer Python, the KV-cache concatenation and the attention over the ~290-token cache, not weight "
+            "bytes; the prompt (EVA2-CLIP over 257 patches, > 64 rows per matmul) runs the dequantize-then-GEMM "
+            "path for nf4/fp4. The memory columns are what quantization buys at this size."]
 
 
 if __name__ == "__main__":
