@@ -56,7 +56,7 @@ def main(out_dir: str, *extra: str) -> None:
             "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
             "--train-iters", str(ITERS), "--train-data", "fixed", "--split", "1", "--batch-size", str(BATCH),
             "--deepspeed_config", ds_config, "--zero-stage", "0", "--lr-decay-style", "constant",
-            "--save", os.path.join(out_dir, "ckpt"), "--save-interval", str(ITERS), "--experiment-name", "qlora",
+            "--save", os.path.join(out_dir, "ckpt"), "--summary-dir", os.path.join(out_dir, "runs"), "--save-interval", str(ITERS), "--experiment-name", "qlora",
             "--log-interval", "1", "--num-workers", "0", "--seed", "1234",
             "--num-layers", str(arch["num_layers"]), "--hidden-size", str(arch["hidden_size"]),
             "--num-attention-heads", str(arch["num_attention_heads"]), "--vocab-size", str(arch["vocab_size"]),
