@@ -14,13 +14,17 @@ Use::
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
+
+# the tiny configuration and the fill for CogVLM's skip_init weights live in the package (examples use them too)
+from sat_quant.models.cogvlm_assets import (EXPERT_INIT_STD, RUN_ARGS, SKIP_INIT_MIXINS,  # noqa: F401
+                                            TINY_EVA_ARGS, TINY_LM_ARGS, init_skipped_weights,
+                                            tiny_args)
 
 
 def _find_cogvlm_dir() -> Path:
@@ -33,27 +37,6 @@ def _find_cogvlm_dir() -> Path:
 
 #: the upstream snapshot (see _find_cogvlm_dir)
 COGVLM_DIR = _find_cogvlm_dir()
-
-#: EVA2-CLIP at tiny size. hidden 1792 is fixed: CogVLM's GLU adapter hard-codes ``in_features = 1792``.
-TINY_EVA_ARGS = dict(
-    num_layers=2, hidden_size=1792, num_attention_heads=16, inner_hidden_size=1920, vocab_size=1,
-    layernorm_order="post", use_final_layernorm=False, layernorm_epsilon=1e-6, model_parallel_size=1,
-    max_sequence_length=257, image_size=[224, 224], pre_len=1, post_len=0, in_channels=3, patch_size=14,
-)
-
-#: the language model at tiny size; ``image_length`` = (224 / 14)^2 patches (EVA's cls token is dropped)
-TINY_LM_ARGS = dict(
-    num_layers=2, hidden_size=256, num_attention_heads=4, inner_hidden_size=512, vocab_size=1000,
-    max_sequence_length=2048, layernorm_order="pre", use_bias=False, layernorm_epsilon=1e-5,
-    image_length=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)
-
-#: what CogVLM's scripts put in the namespace besides the architecture (cli_demo_sat.py, inference mode)
-RUN_ARGS = dict(
-    mode="inference", world_size=1, rank=0, local_rank=0, model_parallel_size=1, deepspeed=None,
-    skip_init=False, use_gpu_initialization=False, device="cpu", fp16=False, bf16=False, seed=1234,
-)
-
 
 def cogvlm_available() -> bool:
     """True when the upstream CogVLM snapshot is where the fixture looks for it."""
@@ -84,34 +67,8 @@ def tiny_cogvlm_args(**overrides: Any) -> argparse.Namespace:
     ``overrides`` replace any entry; an ``eva_args`` dict is merged into the tiny EVA defaults rather than
     replacing them. ``fp16``/``bf16`` are what SAT's ``get_model`` uses to cast the whole model.
     """
-    cls = cogvlm_model_class()
-    eva = copy.deepcopy(TINY_EVA_ARGS)
-    eva.update(overrides.pop("eva_args", None) or {})
-    kw = dict(TINY_LM_ARGS, **RUN_ARGS)
-    kw.update(overrides)
-    kw["eva_args"] = eva
-    return cls.get_args(**kw)
-
-
-#: CogVLM's own expert mixins build every layer with ``skip_init=True`` (they expect a checkpoint), so on a
-#: fresh build their weights are uninitialized memory (seen: 1e-43 denormals and 1e26 values)
-SKIP_INIT_MIXINS = ("mlp", "rotary")
-EXPERT_INIT_STD = 0.01  # LLaMAModel's init_method_std
-
-
-def init_skipped_weights(model: torch.nn.Module, seed: int = 0) -> int:
-    """Give the weights CogVLM leaves uninitialized (``SKIP_INIT_MIXINS``) seeded N(0, 0.01) values, in place.
-
-    Returns how many parameters were filled. Done after SAT's dtype cast, so it works for any params_dtype.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for name in SKIP_INIT_MIXINS:
-            for p in model.mixins[name].parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * EXPERT_INIT_STD)
-                count += 1
-    return count
+    cogvlm_model_class()  # the snapshot first on sys.path, and no other 'utils' package in the way
+    return tiny_args(str(COGVLM_DIR), **overrides)
 
 
 def build_tiny_cogvlm(params_dtype: torch.dtype = torch.float32, *, cpu_compat: bool = True, seed: int = 0,
