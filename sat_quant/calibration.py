@@ -6,9 +6,9 @@ most. :func:`collect_hessians` records ``H = E[x x^T]`` of each linear's input w
 full-precision model on its own inputs; :func:`quantize_calibrated_` then quantizes the ``int4``/``int4c``
 layers with GPTQ against H (other formats as usual) and installs the result.
 
-Cost (measured, 2-core CPU shared with other jobs): H of a 4096-input layer is 64 MB in float32; GPTQ of a
-4096 x 4096 layer ~15 s plus ~10 s for the scale search, on top of the calibration forward passes. On MiniLM
-(32 sentences, 24 layers) calibration + GPTQ take ~10 s.
+Cost (measured on one thread of a 2-core CPU shared with other jobs): H of a 4096-input layer is 64 MB in
+float32; the scale search + GPTQ of a 4096 x 4096 layer take ~4-6 s (round to nearest: 0.1 s), on top of the
+calibration forward passes. On MiniLM (32 sentences one at a time, 24 layers) the whole job takes ~3 s.
 
 ``run(model)`` is whatever calls the model on calibration data (sat_quant cannot know a model's inputs):
 e.g. ``lambda m: minilm.embed(m, tokenizer, sentences, batch_size=1)``. Run sentences one at a time (or

@@ -1,7 +1,7 @@
 """Mixed precision by budget: pick each linear's format so the model fits a size with the least error.
 
-Layers differ a lot in how much their quantization error hurts (on all-MiniLM-L6-v2 the last block's QKV costs
-40x the mean cosine of an early attention output at the same bits), so spending a budget's spare bytes on
+Layers differ a lot in how much their quantization error hurts (on all-MiniLM-L6-v2 at int4 g128, alone, the last
+block's QKV costs 0.0069 mean cosine, an early attention output 0.0001-0.0002), so spending a budget's spare bytes on
 the sensitive layers beats a uniform format. The planner:
 
 1. measures every candidate format on every layer that the base config would quantize: with calibration

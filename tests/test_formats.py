@@ -8,6 +8,16 @@ from sat_quant.formats import FORMATS, pack_nibbles, unpack_nibbles
 FORMAT_NAMES = sorted(FORMATS)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # GPTQ and calibration run thousands of tiny ops: on a busy 2-core machine two threads made them up to
+    # 40x slower (threads wait on each other); one thread is fastest at these sizes
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_nibble_packing_round_trips_and_uses_high_nibble_first():
     codes = torch.randint(0, 16, (8, 64))
     packed = pack_nibbles(codes)
@@ -31,10 +41,10 @@ def test_layout_matches_quantized_tensors(name):
 # Worst-case error per element, relative to the largest |w| in its group/row: half a quantization step.
 # int8: step = absmax/127; int4: step = range/15 ≤ 2*absmax/15; nf4: largest gap of the table ≈ 0.30;
 # fp4: largest gap 1/3 (between 2/3 and 1).
-# int4c searches its range and may clip up to 28% of it (int4_search.DEFAULT_SHRINKS) when that lowers the
-# group's total error: its bound is the clipped part plus half a step of the full range.
+# int4c searches its range and may clip up to 24% of it (int4_search.DEFAULT_SHRINKS) when that lowers the
+# group's total error: its bound is the clipped part of the range (up to 2 * absmax) plus half a step.
 MAX_REL_ERROR = {"int8": 0.5 / 127 + 1e-6, "int4": 1.0 / 15 + 2e-3, "nf4": 0.31 / 2 + 1e-3, "fp4": 0.34 / 2 + 1e-3,
-                 "int4c": 0.28 * 2 + 1.0 / 15 + 2e-3}
+                 "int4c": 0.24 * 2 + 1.0 / 15 + 2e-3}
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
@@ -120,7 +130,7 @@ def test_search_never_loses_to_round_to_nearest_in_any_group(name):
     rtn = _group_errors(fmt, spec, w, fmt.quantize(w, spec, search=False))
     searched = _group_errors(fmt, spec, w, fmt.quantize(w, spec, search=True))
     assert (searched <= rtn * (1 + 1e-5) + 1e-12).all()
-    assert searched.sum() < 0.97 * rtn.sum()  # measured 0.943 (both formats): clipping tails pays on heavy tails
+    assert searched.sum() < 0.97 * rtn.sum()  # measured 0.95 (both formats): clipping tails pays on heavy tails
 
 
 def test_int4c_layout_details():

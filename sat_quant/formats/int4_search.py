@@ -23,10 +23,10 @@ import torch
 ScaleRounder = Callable[[torch.Tensor], torch.Tensor]
 
 MIN_SCALE = 2.0 ** -24  # smallest positive fp16: an all-zero group still divides safely
-# (shrink of the negative end, shrink of the positive end): a 5 x 5 grid from no clipping to 28% clipped;
-# finer grids gained < 0.001 mean cosine on MiniLM at twice the time.
-DEFAULT_SHRINKS: Tuple[Tuple[float, float], ...] = tuple(
-    (a, b) for a in (1.0, 0.93, 0.86, 0.79, 0.72) for b in (1.0, 0.93, 0.86, 0.79, 0.72))
+# (shrink of the negative end, shrink of the positive end), from no clipping to 24% clipped. On MiniLM these
+# 4 symmetric candidates scored the same as a 5 x 5 grid of independent shrinks (0.9709 vs 0.9706 data-free,
+# 0.9860 vs 0.9863 with GPTQ) at a sixth of the candidates.
+DEFAULT_SHRINKS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (0.92, 0.92), (0.84, 0.84), (0.76, 0.76))
 REFINE_STEPS = 2  # least-squares rescaling rounds per candidate; a third changed nothing measurable
 
 

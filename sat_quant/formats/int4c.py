@@ -12,7 +12,7 @@ per-group scale is an 8-bit code relative to one float16 scale per output row, a
 
 Bits per weight: ``4 + 12/g + 16/in`` (group 64, in 4096: 4.19; in 384: 4.23). A linear 8-bit scale code lost
 nothing measurable against a float16 scale on MiniLM (0.9708 vs 0.9705 data-free, 0.9820 vs 0.9819 with
-GPTQ), because the scale is chosen by search against what the code can hold. ``quantize`` searches the
+GPTQ at damp 0.01), because the scale is chosen by search against what the code can hold. ``quantize`` searches the
 scale/zero per group by default (data-free); a calibration ``hessian`` adds GPTQ (:mod:`.int4_search`).
 
 Maps onto torch's int4 kernels at load: ``scale = row_scale * code / 255`` and the unpacked zero give the
