@@ -382,7 +382,8 @@ def plan_checkpoint(src: str, budget, *, candidates: Sequence[str] = DEFAULT_CAN
     from .build import linear_weights_on_meta, plan_layers
     from .checkpoint import (CheckpointError, TensorSource, checkpoint_tensor_path, describe_block, read_latest,
                              read_model_config)
-    from .convert import _args_for, import_modules
+    from .build import _params_dtype
+    from .convert import _args_for, _match_source_dtype, import_modules
     from .loading import _model_class
     import_modules(imports)
     budget = parse_budget(budget)
@@ -398,8 +399,9 @@ def plan_checkpoint(src: str, budget, *, candidates: Sequence[str] = DEFAULT_CAN
     cls = _model_class(None, model_config, src)
     args = _args_for(model_config, cls, src)
     source = TensorSource(checkpoint_tensor_path(src, read_latest(src), 0))
+    _match_source_dtype(args, source)  # the parts built for real (embeddings, norms) take the checkpoint's dtype
     with linear_weights_on_meta():
-        model = cls(args)
+        model = cls(args, params_dtype=_params_dtype(args))
     planned = [p for p in plan_layers(model, base) if p.spec is not None]
     layout = source.layout()
     weights = {p.names[0] + ".weight" for p in planned}

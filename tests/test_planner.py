@@ -191,3 +191,25 @@ def test_cli_plan_and_convert_with_a_budget(gpt2, tmp_path):
                  for n, l in block["layers"].items()}
     assert converted == offline
     assert main(["plan", str(tmp_path / "fp"), "--quant-budget", "2bpp", "-o", str(out)]) == 2  # clear error
+
+
+def test_cogvlm_plans_offline_like_in_memory(tmp_path):
+    """The tiny real CogVLM: `sat-quant plan`'s streamed plan equals the in-memory one and covers every part
+    (EVA tower, GLU adapter, visual expert, language layers); the plan then converts and loads."""
+    from sat.training.model_io import save_checkpoint as sat_save_checkpoint
+
+    from sat_quant.planner import plan_checkpoint
+    from tests.cogvlm_fixture import build_tiny_cogvlm, tiny_cogvlm_args
+    fp_model, fp_args = build_tiny_cogvlm()
+    fp_args.save, fp_args.mode = str(tmp_path / "fp"), "inference"
+    sat_save_checkpoint(1, fp_model, None, None, fp_args)
+    offline = plan_checkpoint(str(tmp_path / "fp"), "5.0bpp")
+    assert offline.plan == plan_quantization(fp_model, "5.0bpp").plan
+    assert offline.bits_per_param <= 5.0
+    names = list(offline.plan)
+    for part in ("mixins.eva.vit_model.", "mixins.eva.linear_proj.", "mixins.mlp.vision_", "mixins.rotary.vision_",
+                 "transformer.layers.0.mlp"):
+        assert any(part in n for n in names), part
+    sat_quant.convert(str(tmp_path / "fp"), str(tmp_path / "q"), offline.to_config(), progress=False)
+    loaded, _ = sat_quant.from_pretrained(None, str(tmp_path / "q"), args=tiny_cogvlm_args())
+    assert _formats(loaded) == offline.plan
