@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: 32000-token vocabulary would at this width
 LLAMA_ARCH = dict(num_layers=8, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2816, vocab_size=8192,
                   max_sequence_length=512, layernorm_order="pre")
-PROMPT_TOKENS, NEW_TOKENS, REPEATS = 32, 24, 2
+PROMPT_TOKENS, NEW_TOKENS, REPEATS = 32, 16, 4
 BITS = {"int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
 #: variant -> (format or None, activation dtype)
 VARIANTS: Dict[str, Tuple[Optional[str], str]] = {
