@@ -6,8 +6,9 @@ the sensitive layers beats a uniform format. The planner:
 
 1. measures every candidate format on every layer that the base config would quantize: with calibration
    inputs (``run``), the relative squared change of the model's output when only that layer is quantized
-   (GPTQ-quantized for ``int4``/``int4c``); without inputs, a weight-only proxy, the squared
-   reconstruction error ``||W - Q(W)||^2`` (data-free searched values);
+   (GPTQ-quantized for ``int4``/``int4c``), or, cheaper (``sensitivity="layer"``), of that layer's own
+   output from the calibration Hessian; without inputs, a weight-only proxy, the squared reconstruction
+   error ``||W - Q(W)||^2`` (data-free searched values);
 2. solves the knapsack greedily: start from each layer's smallest candidate, then repeatedly take the
    upgrade with the largest error drop per extra byte that still fits (errors add up across layers to
    within a few percent on MiniLM, which is what makes per-layer measurements composable).
@@ -242,6 +243,27 @@ def weight_costs(name: str, weight: torch.Tensor, candidates: Sequence[str],
     return LayerCosts(name, w.numel(), options)
 
 
+@torch.no_grad()
+def layer_costs(name: str, weight: torch.Tensor, hessian: torch.Tensor, candidates: Sequence[str]) -> LayerCosts:
+    """A layer's options measured on its own output: ``tr(dW H dW^T) / tr(W H W^T)``, the relative mean squared
+    change of the layer's output over the calibration inputs. No extra forward passes (for big models), but
+    blind to how later layers amplify it. Relative beat absolute on MiniLM at 5 bits (0.990 vs 0.988)."""
+    w = weight.detach().float()
+    h = hessian.float()
+    energy = float(((w @ h) * w).sum()) or 1.0
+    options = []
+    for value, spec in _options_for(name, w.shape[0], w.shape[1], candidates, weight.dtype):
+        error = 0.0
+        if spec is not None:
+            delta = _quantized_weight(w, spec, hessian) - w
+            error = float(((delta @ h) * delta).sum()) / energy
+        options.append(Option(value, _nbytes(spec, w.numel(), weight.dtype), error))
+    if not options:
+        raise QuantConfigError(f"layer '{name}' {tuple(w.shape)} fits none of the candidates {list(candidates)}; "
+                               f"add 'int8' or 'fp' to them.")
+    return LayerCosts(name, w.numel(), options)
+
+
 def _first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -315,14 +337,18 @@ def _fixed_bytes(model: nn.Module, planned_weights: Iterable[torch.Tensor]) -> i
 
 def plan_quantization(model: nn.Module, budget, *, run: Optional[Callable[[nn.Module], Any]] = None,
                       candidates: Sequence[str] = DEFAULT_CANDIDATES, config: Optional[QuantConfig] = None,
-                      max_hessian_bytes: Optional[int] = None) -> QuantPlan:
+                      sensitivity: str = "output", max_hessian_bytes: Optional[int] = None) -> QuantPlan:
     """Plan formats for a full-precision ``model`` to fit ``budget`` ("5.0bpp", "10GB", or a :class:`Budget`).
 
     ``run(model)`` (optional) calls the model on a few calibration inputs and returns its output tensor: layers
     are then measured end to end and int4/int4c candidates with GPTQ; without it, a weight-only proxy is used.
     ``config`` sets what is planned at all (its skip globs and LM-head rule; default ``QuantConfig(bits=4)``).
-    Costs: one ``run`` per layer and candidate with inputs; a few quantizations per layer without.
+    ``sensitivity`` (with ``run``): "output" measures each layer end to end, one ``run`` per layer and
+    candidate (MiniLM 5.0 bits: 0.992); "layer" scores each layer's own output change from the calibration
+    Hessian, one ``run`` in all (0.990): the choice for big models, where a forward per layer is too slow.
     """
+    if sensitivity not in ("output", "layer"):
+        raise QuantConfigError(f"sensitivity must be 'output' or 'layer', got {sensitivity!r}.")
     from .build import plan_layers
     from .calibration import DEFAULT_MAX_HESSIAN_BYTES, iter_hessians
     budget = parse_budget(budget)
@@ -345,22 +371,25 @@ def plan_quantization(model: nn.Module, budget, *, run: Optional[Callable[[nn.Mo
         modules = {p.names[0]: p.module for p in planned}
         for hessians in iter_hessians(model, run, modules, max_hessian_bytes or DEFAULT_MAX_HESSIAN_BYTES):
             for name, hessian in hessians.items():
-                layers.append(output_costs(model, name, modules[name], run, reference, candidates, hessian))
+                if sensitivity == "layer":
+                    layers.append(layer_costs(name, modules[name].weight, hessian, candidates))
+                else:
+                    layers.append(output_costs(model, name, modules[name], run, reference, candidates, hessian))
     finally:
         model.train(was_training)
     order = {p.names[0]: i for i, p in enumerate(planned)}
     layers.sort(key=lambda layer: order[layer.name])
-    return finish_plan(layers, budget, fixed, "output", base)
+    return finish_plan(layers, budget, fixed, sensitivity, base)
 
 
 def quantize_to_budget_(model: nn.Module, budget, *, run: Optional[Callable[[nn.Module], Any]] = None,
-                        candidates: Sequence[str] = DEFAULT_CANDIDATES,
-                        config: Optional[QuantConfig] = None) -> QuantPlan:
+                        candidates: Sequence[str] = DEFAULT_CANDIDATES, config: Optional[QuantConfig] = None,
+                        sensitivity: str = "output") -> QuantPlan:
     """Plan (:func:`plan_quantization`) and quantize ``model`` in place to fit ``budget``; returns the plan.
 
     With ``run``, int4/int4c layers are quantized with GPTQ on the same calibration inputs.
     """
-    plan = plan_quantization(model, budget, run=run, candidates=candidates, config=config)
+    plan = plan_quantization(model, budget, run=run, candidates=candidates, config=config, sensitivity=sensitivity)
     final = plan.to_config()
     if run is not None:
         from .calibration import quantize_calibrated_
