@@ -101,14 +101,21 @@ def test_auto_prefers_it_for_nf4_fp4_on_cpu_only():
     assert LUT.unsupported_reason(get_format("int4"), get_format("int4").spec(128, 256), torch.device("cpu"))
 
 
-def test_sat_model_built_with_nf4_runs_on_it():
-    """--quant-format nf4 through sat_quant.get_model on SAT's LLaMA: every quantized layer runs the kernel and
-    the logits equal the same model run by the reference backend."""
+@pytest.mark.parametrize("builder", ["sat_get_model", "sat_quant_get_model"])
+def test_sat_model_built_with_nf4_runs_on_it(builder):
+    """--quant-format nf4 on SAT's LLaMA, built by SAT's own get_model (through quantized_class) or by
+    sat_quant.get_model: every quantized layer runs the kernel, and the logits equal the same model run by the
+    reference backend."""
+    from sat.model.base_model import get_model as sat_get_model
     from sat.model.official.llama_model import LLaMAModel
 
     from sat_quant.compat import apply_cpu_compat
     torch.manual_seed(0)
-    model = sat_quant.get_model(sat_args("llama", quant=4, quant_format="nf4"), LLaMAModel).eval()
+    args = sat_args("llama", quant=4, quant_format="nf4")
+    if builder == "sat_get_model":
+        model = sat_get_model(args, sat_quant.quantized_class(LLaMAModel)).eval()
+    else:
+        model = sat_quant.get_model(args, LLaMAModel).eval()
     apply_cpu_compat(model)
     layers = [m for m in model.modules() if isinstance(m, sat_quant.QuantLinear)]
     assert layers and all(m.backend.name == "lut" for m in layers)
