@@ -64,6 +64,13 @@ def unavailable_reason() -> Optional[str]:
     return reason
 
 
+def _raw(qweight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor):
+    """The C code reads raw CPU memory: make sure it gets contiguous uint8 / fp32 tensors (no-ops when they are)."""
+    if qweight.dtype != torch.uint8 or qweight.device.type != "cpu":
+        raise TypeError(f"lut4 kernel needs uint8 CPU codes, got {qweight.dtype} on {qweight.device}")
+    return qweight.contiguous(), absmax.float().contiguous(), table.float().contiguous()
+
+
 def _check(rc: int) -> None:
     if rc:
         raise RuntimeError(f"sat_quant lut4 kernel failed: {_ERRORS.get(rc, rc)}")
@@ -75,6 +82,7 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, table: 
     lib, reason = _library()
     if lib is None:
         raise RuntimeError(f"sat_quant lut4 kernel unavailable: {reason}")
+    qweight, absmax, table = _raw(qweight, absmax, table)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     x2 = x.reshape(-1, k)
     if x2.dtype not in _DTYPES:
@@ -98,6 +106,7 @@ def dequantize(qweight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
     lib, reason = _library()
     if lib is None:
         raise RuntimeError(f"sat_quant lut4 kernel unavailable: {reason}")
+    qweight, absmax, table = _raw(qweight, absmax, table)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     w = torch.empty(n, k, dtype=dtype)
     _check(lib.sq_lut4_dequantize(qweight.data_ptr(), absmax.data_ptr(), table.data_ptr(), n, k, group_size,
