@@ -46,11 +46,13 @@ CALIBRATED_CONFIGS = [
     ("int4 group 128 + GPTQ (calibrated)", dict(bits=4, format="int4", group_size=128)),
     ("int4c group 64 + GPTQ (calibrated)", dict(bits=4, format="int4c", group_size=64)),
 ]
-# (label, budget, calibrated?): sat_quant.planner.quantize_to_budget_ with its default candidates
+# (label, budget, sensitivity): sat_quant.planner.quantize_to_budget_ with its default candidates;
+# "output"/"layer" calibrate on data/calibration.txt, "weight" is data-free
 PLANNER_RUNS = [
-    ("planner --quant-budget 4.3bpp (calibrated)", "4.3bpp", True),
-    ("planner --quant-budget 5.0bpp (calibrated)", "5.0bpp", True),
-    ("planner --quant-budget 5.0bpp (weight proxy, data-free)", "5.0bpp", False),
+    ("planner --quant-budget 4.3bpp (calibrated)", "4.3bpp", "output"),
+    ("planner --quant-budget 5.0bpp (calibrated)", "5.0bpp", "output"),
+    ("planner --quant-budget 5.0bpp (calibrated, layer-local sensitivity)", "5.0bpp", "layer"),
+    ("planner --quant-budget 5.0bpp (weight proxy, data-free)", "5.0bpp", "weight"),
 ]
 LINEAR_SUFFIXES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -128,11 +130,14 @@ def calibrated_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn) -> Tu
             seconds = time.perf_counter() - start
         rows.append((label, _layer_bits(model), compare(minilm.embed(model, tokenizer, sentences, batch_size), ref, ref_nn)))
         notes.append(f"{label}: {seconds:.1f} s")
-    for label, budget, calibrated in PLANNER_RUNS:
+    for label, budget, sensitivity in PLANNER_RUNS:
         model, _ = minilm.load_minilm_sat()
         with _one_thread():
             start = time.perf_counter()
-            plan = quantize_to_budget_(model, budget, run=run if calibrated else None)
+            if sensitivity == "weight":
+                plan = quantize_to_budget_(model, budget)
+            else:
+                plan = quantize_to_budget_(model, budget, run=run, sensitivity=sensitivity)
             seconds = time.perf_counter() - start
         rows.append((label, _layer_bits(model), compare(minilm.embed(model, tokenizer, sentences, batch_size), ref, ref_nn)))
         mix = ", ".join(f"{v} x{n}" for v, n in sorted(_count(plan.plan.values()).items()))
@@ -211,7 +216,9 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
               "and searches each group's range (data-free); \"calibrated\" rows run GPTQ with the 32 sentences "
               "of `benchmarks/data/calibration.txt` (none is in the evaluation set), one at a time. The planner "
               "picks int4 g128 / int4c g64 / int8 per layer to fit the budget: calibrated, it measures each "
-              "layer's effect on the output; data-free, it ranks layers by weight reconstruction error (weaker). "
+              "layer's effect on the model's output (one forward per layer and candidate) or, layer-local, on "
+              "the layer's own output from the calibration Hessian (one forward in all: for big models); "
+              "data-free, it ranks layers by weight reconstruction error (weaker). "
               "Quantization time (whole model, 1 thread, shared CPU):", ""]
     lines += [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
