@@ -16,7 +16,7 @@ mask padding out) so padding tokens do not enter H.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 from torch import nn
