@@ -19,8 +19,6 @@ import torch
 from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, unpack_nibbles
 from .int4_search import MIN_SCALE, choose_int4
 
-_MIN_SCALE = MIN_SCALE
-
 
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     """Scales as the layout stores them (float16), back in float32 for choosing codes against them."""
