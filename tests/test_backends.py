@@ -6,7 +6,7 @@ from sat_quant import QuantBackendError, get_format
 from sat_quant.backends import BACKENDS, select_backend
 from sat_quant.backends.torch_native import _cpu_pack_reference, _cpu_unpack, cpu_int4_block_n
 
-FAST = [("int8", "torch"), ("int4", "torch"), ("nf4", "lut"), ("fp4", "lut"), ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes")]
+FAST = [("int8", "torch"), ("int4", "torch"), ("int4c", "torch"), ("nf4", "lut"), ("fp4", "lut"), ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes")]
 # Output tolerance relative to max|y|. torch's CPU kernels take bf16 activations (sat_quant casts, see
 # backends/torch_native.py): 8 mantissa bits, i.e. ~0.4% per element, accumulated in fp32; bitsandbytes
 # keeps the input dtype, so fp32 is exact up to summation order and fp16 carries 11 bits.
@@ -60,7 +60,7 @@ def test_cpu_int4_layout_probe_matches_torch_packing():
     assert torch.equal(_cpu_unpack(packed, block_n * 3, 96, block_n).int(), codes)
 
 
-@pytest.mark.parametrize("fmt_name", ["int8", "int4", "nf4", "fp4"])
+@pytest.mark.parametrize("fmt_name", ["int8", "int4", "int4c", "nf4", "fp4"])
 def test_auto_picks_a_kernel_not_the_reference_on_cpu(fmt_name):
     fmt = get_format(fmt_name)
     assert select_backend("auto", fmt, fmt.spec(4096, 4096), "cpu").name != "reference"

@@ -22,6 +22,7 @@ BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "int8": ("torch", "reference"),
     "int4": ("torch", "reference"),
+    "int4c": ("torch", "reference"),
     "nf4": ("lut", "bitsandbytes", "reference"),
     "fp4": ("lut", "bitsandbytes", "reference"),
 }

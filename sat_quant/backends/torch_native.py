@@ -14,9 +14,11 @@ from typing import Optional
 import torch
 
 from ..formats import LayerSpec, WeightFormat, pack_nibbles, unpack_nibbles
+from ..formats.int4c import group_scales, group_zeros
 from .base import Backend, KernelTensors, cached
 
 _INT4_GROUPS = (32, 64, 128, 256)
+_INT4_FORMATS = ("int4", "int4c")  # int4c: same codes, its compact scales expanded at load
 
 
 def _cpu_pack_reference(codes: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -55,7 +57,7 @@ class TorchNativeBackend(Backend):
         dev = torch.device(device).type
         if fmt.name == "int8":
             return None if dev in ("cpu", "cuda") else f"no int8 kernel for device {dev}"
-        if fmt.name != "int4":
+        if fmt.name not in _INT4_FORMATS:
             return f"torch has no kernel for {fmt.name}"
         if spec.group_size not in _INT4_GROUPS:
             return f"torch int4 kernels need group size in {_INT4_GROUPS}, got {spec.group_size}"
@@ -74,10 +76,10 @@ class TorchNativeBackend(Backend):
 
     # -- layout -----------------------------------------------------------------------------------
     def prepare(self, fmt: WeightFormat, spec: LayerSpec, neutral: KernelTensors) -> KernelTensors:
-        if fmt.name != "int4":
+        if fmt.name not in _INT4_FORMATS:
             return dict(neutral)
         qweight = neutral["qweight"]
-        out = {"scale": neutral["scale"], "zero": neutral["zero"]}
+        out = {k: v for k, v in neutral.items() if k != "qweight"}  # scale, zero (+ int4c's row_scale)
         if qweight.device.type == "cpu":  # our uint8 model of torch's layout: verified by the probe, ~4x faster
             out["packed"] = _cpu_pack_reference(unpack_nibbles(qweight), cpu_int4_block_n())
         else:
@@ -87,7 +89,7 @@ class TorchNativeBackend(Backend):
 
     def zeros(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> KernelTensors:
         if fmt.name != "int4" or torch.device(device).type != "cpu":
-            return super().zeros(fmt, spec, device)
+            return super().zeros(fmt, spec, device)  # int4c: through prepare (its zero-point bytes are small)
         # code 0 is byte 0 in any nibble order: the packed zeros need no repacking (and no second buffer)
         layout = fmt.layout(spec)
         return {"packed": torch.zeros(layout["qweight"][0], dtype=torch.uint8, device=device),
@@ -95,14 +97,14 @@ class TorchNativeBackend(Backend):
                 "zero": torch.zeros(layout["zero"][0], dtype=torch.uint8, device=device)}
 
     def to_neutral(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> KernelTensors:
-        if fmt.name != "int4":
+        if fmt.name not in _INT4_FORMATS:
             return super().to_neutral(fmt, spec, kernel)
         if "_neutral_qweight" in kernel:
             qweight = kernel["_neutral_qweight"]
         else:
             codes = _cpu_unpack(kernel["packed"], spec.out_features, spec.in_features, cpu_int4_block_n())
             qweight = pack_nibbles(codes)
-        return {"qweight": qweight, "scale": kernel["scale"], "zero": kernel["zero"]}
+        return {"qweight": qweight, **{k: v for k, v in kernel.items() if not k.startswith("_") and k != "packed"}}
 
     # -- compute ----------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
@@ -115,7 +117,7 @@ class TorchNativeBackend(Backend):
             scale = cached(kernel, "_scale_bf16", lambda: kernel["scale"].to(torch.bfloat16))
             y = torch.ops.aten._weight_int8pack_mm(xk, kernel["qweight"], scale)
         else:
-            sz = cached(kernel, "_sz_bf16", lambda: _scales_and_zeros(kernel, torch.bfloat16))
+            sz = cached(kernel, "_sz_bf16", lambda: _scales_and_zeros(fmt, spec, kernel, torch.bfloat16))
             if xk.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, kernel["packed"], spec.group_size, sz)
             else:
@@ -123,8 +125,11 @@ class TorchNativeBackend(Backend):
         return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
 
 
-def _scales_and_zeros(kernel: KernelTensors, dtype: torch.dtype) -> torch.Tensor:
+def _scales_and_zeros(fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors, dtype: torch.dtype) -> torch.Tensor:
     """[G, N, 2] tensor the int4 kernels read: scale, and z = (8 - zero) * scale (they compute (q - 8) * s + z)."""
-    scale = kernel["scale"].float()
-    zero = (8.0 - kernel["zero"].float()) * scale
+    if fmt.name == "int4c":
+        scale, zero_point = group_scales(kernel), group_zeros(kernel, spec.num_groups).float()
+    else:
+        scale, zero_point = kernel["scale"].float(), kernel["zero"].float()
+    zero = (8.0 - zero_point) * scale
     return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
