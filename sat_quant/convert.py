@@ -17,7 +17,7 @@ from .loading import _model_class, fill_script_defaults
 
 # keys sat_quant adds to model_config.json; a dequantized checkpoint drops them
 QUANT_KEYS = ("quant", "quant_format", "quant_group_size", "quant_skip", "quant_plan", "quant_backend",
-              "quant_lm_head", "quantization")
+              "quant_lm_head", "quant_budget", "quantization")
 # keys QuantLoraMixin adds; a merged checkpoint drops them
 LORA_KEYS = ("quant_lora", "lora_alpha", "lora_dropout", "lora_targets")
 

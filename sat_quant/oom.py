@@ -82,7 +82,8 @@ def advice(stage: str, *, peak: int, capacity: Optional[int], device_label: str,
         todo.append("quantize: --quant 4 keeps ~1/4 of fp16 weight memory (--quant 8: ~1/2)")
     elif quant_bits == 8:
         todo.append("use --quant 4 instead of --quant 8 (about half the weight memory again)")
-    todo.append("fit a size with a per-layer plan: --quant-budget (e.g. --quant-budget 10GB)")
+    todo.append("fit a size with a per-layer plan: `sat-quant convert SRC DST --quant-budget 10GB` (or a smaller "
+                "budget), then load DST")
     todo.append(f"spread the model over more GPUs: torchrun --nproc_per_node {model_parallel_size * 2} "
                 f"with --model-parallel-size {model_parallel_size * 2}")
     if generating:
