@@ -56,6 +56,11 @@ def linear_weights_on_meta() -> Iterator[None]:
         handle.remove()
 
 
+# formats with one scale per output row over all input columns (the 1-D ``row_scale``): a row-parallel shard
+# would need the other ranks' columns to compute it
+ROW_SCALED_FORMATS = ("int4c",)
+
+
 @dataclass
 class PlannedLayer:
     names: List[str]            # every path at which this module object is reachable
@@ -84,6 +89,13 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> List[PlannedLayer]:
                             f"input columns, and a group may not straddle two ranks; pick a group size that "
                             f"divides {in_features}]")
             errors.append(message)
+            continue
+        if (planned.spec is not None and planned.spec.format in ROW_SCALED_FORMATS
+                and isinstance(planned.module, RowParallelLinear) and in_features != planned.module.input_size):
+            errors.append(f"{planned.spec.format}: layer '{planned.names[0]}' is row-parallel at model-parallel size "
+                          f"> 1, and {planned.spec.format}'s per-row scale spans every rank's columns, so shards "
+                          f"could not be merged or resharded; use --quant-format int4 there (e.g. --quant-plan "
+                          f"with '{planned.names[0]}': 'int4'), or model-parallel size 1.")
     if errors:
         raise QuantConfigError("cannot quantize this model as asked:\n  " + "\n  ".join(errors[:20]) +
                                (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))

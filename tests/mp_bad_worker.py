@@ -1,6 +1,7 @@
 """Run under ``torchrun --nproc_per_node 2`` by tests/test_parallel.py: bad model-parallel inputs must give
 every rank the same clear error, never a hang. argv: BROKEN_DIR OUT_DIR (BROKEN_DIR lacks rank 1's file).
-Each rank writes the messages it got, separated by '---': world size, straddling group, missing rank file."""
+Each rank writes the messages it got, separated by '---': world size, straddling group, int4c row scale,
+missing rank file."""
 import os
 import sys
 
@@ -22,6 +23,10 @@ def main(broken_dir: str, out_dir: str) -> None:
         sat_quant.get_model(sat_args("gpt2", model_parallel_size=2, quant=4, quant_group_size=256), cls)
     except sat_quant.QuantConfigError as exc:
         messages.append(f"group: {exc}")
+    try:  # int4c's per-row scale would span both ranks' columns of a row-parallel layer
+        sat_quant.get_model(sat_args("gpt2", model_parallel_size=2, quant=4, quant_format="int4c"), cls)
+    except sat_quant.QuantConfigError as exc:
+        messages.append(f"rowscale: {exc}")
     try:  # rank 1's shard is missing: rank 0 must not go on alone
         sat_quant.from_pretrained(cls, broken_dir, args=sat_args("gpt2", model_parallel_size=2))
     except sat_quant.CheckpointError as exc:

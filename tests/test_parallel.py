@@ -134,11 +134,12 @@ def test_model_parallel_bad_inputs_fail_on_every_rank_without_hanging(mp_run, tm
     assert r.returncode == 0, r.stderr[-4000:]
     texts = [(tmp_path / f"rank{k}.txt").read_text() for k in (0, 1)]
     for text in texts:
-        world, group, missing = text.split("\n---\n")
+        world, group, rowscale, missing = text.split("\n---\n")
         assert "world size 2" in world and "not a multiple of --model-parallel-size 4" in world
         assert "not divisible by group size 256" in group and "row-parallel layer" in group
+        assert "int4c: layer" in rowscale and "use --quant-format int4 there" in rowscale
         assert "failed on rank(s) 1" in missing and "mp_rank_01_model_states" in missing
-    assert texts[0].split("\n---\n")[2] == texts[1].split("\n---\n")[2], "every rank raises the same error"
+    assert texts[0].split("\n---\n")[3] == texts[1].split("\n---\n")[3], "every rank raises the same error"
 
 
 def _mp_fixture(fp_models, tmp_path):
