@@ -44,7 +44,7 @@ def main() -> None:
     if ns.only and os.path.exists(ns.out):  # keep the other sections of an earlier full run
         sections = _replace_section(open(ns.out).read(), sections[1])
     else:
-        sections = "\n".join(sections) + "\n"
+        sections = "\n".join(s.rstrip("\n") + "\n" for s in sections)
     with open(ns.out, "w") as f:
         f.write(sections)
     print(f"wrote {ns.out}")
