@@ -201,3 +201,16 @@ def test_int4c_shards_can_share_the_whole_rows_scale():
         alone = fmt.dequantize(fmt.quantize(h, spec), spec)
         together = fmt.dequantize(t, spec)
         assert ((together - h) ** 2).sum() <= 1.05 * ((alone - h) ** 2).sum()
+
+
+@pytest.mark.parametrize("fmt_name", ["nf4", "fp4"])
+def test_table_formats_quantize_in_row_chunks_with_identical_codes(fmt_name, monkeypatch):
+    """nf4/fp4 quantize a few rows at a time (bounded temporaries); chunking must not change a single code."""
+    import sat_quant.formats.float4 as float4
+    fmt = get_format(fmt_name)
+    spec = fmt.spec(300, 256)
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(3))
+    whole = fmt.quantize(w, spec)
+    monkeypatch.setattr(float4, "_CHUNK_ELEMENTS", 7 * 256)  # 7 rows per step, a ragged last chunk
+    chunked = fmt.quantize(w, spec)
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)

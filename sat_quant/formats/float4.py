@@ -17,6 +17,7 @@ NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
              0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
              0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+_CHUNK_ELEMENTS = 1 << 22  # weights quantized per step (16 MiB of fp32 temporaries)
 FP4_TABLE = (0.0, 0.005208333333, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
              -0.0, -0.005208333333, -0.66666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25)
 
@@ -36,15 +37,21 @@ class _Table4Bit(WeightFormat):
 
     def quantize(self, weight: torch.Tensor, spec: LayerSpec) -> Dict[str, torch.Tensor]:
         n, k, g = spec.out_features, spec.in_features, spec.num_groups
-        w = weight.detach().float().reshape(n, g, k // g)
-        absmax = w.abs().amax(dim=-1)
-        normed = w / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[..., None]
         # nearest table entry: bucketize against midpoints of the sorted table
-        table = self.table_tensor(w.device)
-        values, order = torch.sort(table)
+        values, order = torch.sort(self.table_tensor(weight.device))
         mids = (values[1:] + values[:-1]) / 2
-        codes = order[torch.bucketize(normed, mids)]
-        return {"qweight": pack_nibbles(codes.reshape(n, k)).contiguous(), "absmax": absmax.contiguous()}
+        order = order.to(torch.uint8)
+        qweight = torch.empty(n, k // 2, dtype=torch.uint8, device=weight.device)
+        absmax = torch.empty(n, g, dtype=torch.float32, device=weight.device)
+        rows = max(1, _CHUNK_ELEMENTS // k)  # bounded fp32/int32 temporaries, whatever the layer's size
+        for start in range(0, n, rows):
+            w = weight[start:start + rows].detach().float().reshape(-1, g, k // g)
+            block_max = w.abs().amax(dim=-1)
+            normed = w / torch.where(block_max > 0, block_max, torch.ones_like(block_max))[..., None]
+            codes = order[torch.bucketize(normed, mids, out_int32=True)]
+            qweight[start:start + rows] = pack_nibbles(codes.reshape(-1, k))
+            absmax[start:start + rows] = block_max
+        return {"qweight": qweight, "absmax": absmax}
 
     def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
