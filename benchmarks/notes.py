@@ -21,13 +21,13 @@ def run() -> str:
   measured 3.8 ms vs 4.1 ms for dense bf16 (4096x4096). With fp32 activations it stays exact (fp32 FMAs), ≈3x fp32
   and slower than dense bf16: pass `--bf16` for prefill-heavy work. Above 64 rows (a long prompt, CogVLM's image)
   it dequantizes the weight once (bitwise the reference's values) and runs torch's dense GEMM.
-- **End to end (LLaMA-style, 120M)**: decode tokens/s vs fp32 ≈2.9-3.1x for nf4/fp4 with fp32 activations,
-  ≈3.5x for nf4 with `--bf16`, ≈3.5x for int4: the 3x target is met or missed by a few percent depending on the
-  run. Weights shrink ~4x (456 → 119 MiB), but per token the rest does not: the fp32 LM head (32 MiB, ~37% of
-  what a 4-bit model streams), attention over the cache, norms, rotary and SAT's per-layer Python. The tiny
+- **End to end (LLaMA-style, 120M)**: decode tokens/s vs fp32 over four runs on 2026-11-25: int4 ≈3.3-3.7x (target
+  met), nf4 with `--bf16` ≈2.8-3.5x, nf4/fp4 with fp32 activations ≈2.5-3.1x (the 3x target missed by up to ~17%
+  in most runs). Weights shrink ~4x (456 → 119 MiB), but per token the rest does not: the fp32 LM head (32 MiB,
+  ~37% of what a 4-bit model streams), attention over the cache, norms, rotary and SAT's per-layer Python; the
+  nf4/fp4 kernel is also ~1.5x slower than int4's per layer with fp32 activations (see Kernels). The tiny
   CogVLM's decode is all such overhead (~1 MiB of weights per step), so every format runs at ≈0.9-1x fp32 there;
-  its memory columns are the point. nf4/fp4 builds peak higher than int4 there (quantization temporaries in
-  int64 for the 1792-wide EVA layers), not at run time.
+  its memory columns are the point.
 - **Shared machine**: these figures come from a 2-core machine shared with other jobs (the load average is in each
   section). torch's OpenMP kernels (dense bf16, int8/int4) suffer most under load: a worker that is not scheduled
   holds the parallel region's closing barrier (a 0.4 ms GEMV measured 8 ms). The `lut` kernel uses its own pool
