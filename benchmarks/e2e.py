@@ -41,16 +41,6 @@ COGVLM_VARIANTS = ("fp32", "bf16", "int8-fp32", "int4-fp32", "nf4-fp32", "fp4-fp
 
 
 # -- subprocess side ------------------------------------------------------------------------------------------
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def _weight_bytes(model) -> int:
     """Bytes of what the model holds as weights: quantized tensors of QuantLinear + every float parameter."""
     import sat_quant
@@ -82,9 +72,7 @@ def _build_cogvlm(fmt: Optional[str], act: str):
         model, _ = build_tiny_cogvlm(dtype)
     else:
         args = tiny_cogvlm_args(quant=BITS[fmt], quant_format=fmt, bf16=act == "bf16")
-        model = sat_quant.get_model(args, cogvlm_model_class()).eval()
-        sat_quant.apply_cpu_compat(model)
-        sat_quant.install_xformers_cpu_fallback()
+        model = sat_quant.get_model(args, cogvlm_model_class()).eval()  # CPU fallbacks switched on by the build
     inputs = tiny_cogvlm_inputs(seq_len=256 + 3 + PROMPT_TOKENS, dtype=dtype)
     prompt = inputs.pop("input_ids")[0]
     prompt_pos = inputs.pop("position_ids")[0]
@@ -155,14 +143,14 @@ def probe(model_name: str, variant: str, new_tokens: int = 4) -> dict:
     """Memory of one variant, in this (fresh) process: build, generate ``new_tokens``, report weight bytes and the
     peak RSS growth over the post-import baseline (tokens/s are measured side by side in one process instead)."""
     import sat_quant.compat  # noqa: F401  one-time imports every variant pays, before the baseline
+    from tests.rss_probe import peak_bytes, reset_peak, rss_bytes
     _init_sat()
-    baseline = _rss_now()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM from here on: the model and its generation, not the imports
+    baseline = rss_bytes()
+    reset_peak()  # VmHWM from here on: the model and its generation, not the imports
     runner = Runner(model_name, variant)
     seconds, tokens, _ = runner.generate(new_tokens)
     return {"model": model_name, "variant": variant, "tokens": tokens, "seconds": seconds, "build_s": runner.build_s,
-            "weight_bytes": _weight_bytes(runner.model), "peak_growth": _peak_rss() - baseline,
+            "weight_bytes": _weight_bytes(runner.model), "peak_growth": peak_bytes() - baseline,
             "baseline": baseline, "backends": runner.backends, "params": runner.params}
 
 

@@ -22,11 +22,6 @@ VARIANTS = {
 }
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def main(variant: str, checkpoint: str, new_tokens: int) -> None:
     import argparse
 
@@ -35,6 +30,7 @@ def main(variant: str, checkpoint: str, new_tokens: int) -> None:
     from sat_quant.build import release_freed_memory
     from sat_quant.scripts import load_for_inference
     from tests.cogvlm_fixture import cogvlm_model_class, greedy_generate
+    from tests.rss_probe import peak_bytes, reset_peak, rss_bytes
     cogvlm_model_class()  # registers CogVLMModel with SAT (imports utils.models)
     import xformers.ops  # noqa: F401  one-time imports every variant pays
     settings = dict(VARIANTS[variant])
@@ -43,13 +39,12 @@ def main(variant: str, checkpoint: str, new_tokens: int) -> None:
     settings.pop("quant_skip", None)  # the int4 checkpoints are converted with their skip list: load as saved
     args.__dict__.update(settings, fp16=False, bf16=False)
     release_freed_memory(0)
-    baseline = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM: measure loading + evaluation, not the imports
+    baseline = rss_bytes()
+    reset_peak()  # measure loading + evaluation, not the imports
     model, model_args = load_for_inference(checkpoint, args, rank=0, world_size=1)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     tokens = greedy_generate(model, new_tokens=new_tokens, vocab_size=model_args.vocab_size, lean=lean)
-    print(json.dumps({"peak_growth": _rss("VmHWM") - baseline, "weights": weights,
+    print(json.dumps({"peak_growth": peak_bytes() - baseline, "weights": weights,
                       "tokens": tokens[0, -new_tokens:].tolist()}))
 
 

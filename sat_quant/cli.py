@@ -101,6 +101,19 @@ def _estimate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_imports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        help="module defining the model class (e.g. utils.models for CogVLM); repeatable")
+
+
+def _add_src_dst(parser: argparse.ArgumentParser) -> None:
+    """SRC and DST checkpoint folders, --import and --overwrite: what every checkpoint-rewriting command takes."""
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    _add_imports(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sat-quant", description="Quantization for SwissArmyTransformer models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,12 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .args import add_quant_args
     conv = sub.add_parser("convert", help="quantize a full-precision SAT checkpoint into a sat_quant one")
-    conv.add_argument("src")
-    conv.add_argument("dst")
+    _add_src_dst(conv)
     add_quant_args(conv)
-    conv.add_argument("--import", dest="imports", action="append", default=[],
-                      help="module defining the model class (e.g. utils.models for CogVLM); repeatable")
-    conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=_convert, fp16=False, bf16=False, device="cpu")
 
@@ -129,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="formats the planner may pick per layer, 'fmt[:group]' or 'fp'")
     pln.add_argument("--quant-skip", type=str, nargs="*", default=[], help="globs kept full precision, not planned")
     pln.add_argument("--quant-lm-head", action="store_true", help="plan the LM head too")
-    pln.add_argument("--import", dest="imports", action="append", default=[])
+    _add_imports(pln)
     pln.set_defaults(func=_plan)
 
     insp = sub.add_parser("inspect", help="per-layer table of a checkpoint: format, bits, group, bytes")
@@ -137,32 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     insp.set_defaults(func=_inspect)
 
     deq = sub.add_parser("dequantize", help="write a full-precision SAT checkpoint from a quantized one")
-    deq.add_argument("src")
-    deq.add_argument("dst")
-    deq.add_argument("--import", dest="imports", action="append", default=[])
-    deq.add_argument("--overwrite", action="store_true")
+    _add_src_dst(deq)
     deq.set_defaults(func=_dequantize)
 
     rsh = sub.add_parser("reshard", help="rewrite a checkpoint for another model-parallel size (no dequantizing)")
-    rsh.add_argument("src")
-    rsh.add_argument("dst")
+    _add_src_dst(rsh)
     rsh.add_argument("--mp", type=int, required=True, help="target model-parallel size (a power of two)")
-    rsh.add_argument("--import", dest="imports", action="append", default=[])
-    rsh.add_argument("--overwrite", action="store_true")
     rsh.set_defaults(func=_reshard)
 
     mrg = sub.add_parser("merge-lora", help="fold a QLoRA checkpoint's adapters into its base (re-quantized)")
-    mrg.add_argument("src")
-    mrg.add_argument("dst")
+    _add_src_dst(mrg)
     mrg.add_argument("--full-precision", action="store_true",
                      help="write every layer in full precision (a plain SAT checkpoint) instead of re-quantizing")
-    mrg.add_argument("--import", dest="imports", action="append", default=[])
-    mrg.add_argument("--overwrite", action="store_true")
     mrg.set_defaults(func=_merge_lora)
 
     est = sub.add_parser("estimate", help="memory by component for fp16/bf16/int8/int4 (and --quant ...), built on meta")
     est.add_argument("--config", required=True, help="a SAT model_config.json (e.g. configs/cogvlm-chat-17b.json)")
-    est.add_argument("--import", dest="imports", action="append", default=[])
+    _add_imports(est)
     est.add_argument("--batch", type=int, default=1)
     est.add_argument("--seq", type=int, default=2048)
     add_quant_args(est)

@@ -49,6 +49,20 @@ def _args_for(model_config: Dict[str, Any], cls, src: str) -> argparse.Namespace
     return args
 
 
+def full_precision_source_config(src: str, verb: str) -> Dict[str, Any]:
+    """``src``'s model_config.json, refusing what an offline quantizer cannot start from: a checkpoint that is
+    already quantized, or one saved at model-parallel size > 1."""
+    model_config = read_model_config(src)
+    if model_config.get("quantization"):
+        raise CheckpointError(f"{src} is already quantized ({describe_block(model_config['quantization'])}); "
+                              f"{verb} the full-precision checkpoint, or `sat-quant dequantize` it first.")
+    if int(model_config.get("model_parallel_size", 1)) != 1:
+        raise CheckpointError(f"{src} was saved with model_parallel_size={model_config['model_parallel_size']}; "
+                              f"{verb} supports model-parallel size 1 sources (merge it first with SAT's "
+                              f"from_pretrained(..., overwrite_args={{'model_parallel_size': 1}})).")
+    return model_config
+
+
 def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[str]] = None,
             overwrite: bool = False, progress: bool = True) -> str:
     """Quantize the full-precision SAT checkpoint ``src`` into a sat_quant checkpoint at ``dst``.
@@ -58,14 +72,7 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
     """
     import_modules(imports)
     config.validate()
-    model_config = read_model_config(src)
-    if model_config.get("quantization"):
-        raise CheckpointError(f"{src} is already quantized ({describe_block(model_config['quantization'])}); "
-                              f"convert the full-precision checkpoint, or `sat-quant dequantize` it first.")
-    if int(model_config.get("model_parallel_size", 1)) != 1:
-        raise CheckpointError(f"{src} was saved with model_parallel_size={model_config['model_parallel_size']}; "
-                              f"convert supports model-parallel size 1 sources (merge it first with SAT's "
-                              f"from_pretrained(..., overwrite_args={{'model_parallel_size': 1}})).")
+    model_config = full_precision_source_config(src, "convert")
     _prepare_destination(dst, overwrite)
     cls = _model_class(None, model_config, src)
     args = _args_for(model_config, cls, src)

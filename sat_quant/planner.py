@@ -409,22 +409,15 @@ def plan_checkpoint(src: str, budget, *, candidates: Sequence[str] = DEFAULT_CAN
     the memory-mapped checkpoint, measured and dropped, so memory stays near one layer's.
     """
     from .build import linear_weights_on_meta, plan_layers
-    from .checkpoint import (CheckpointError, TensorSource, checkpoint_tensor_path, describe_block, read_latest,
-                             read_model_config)
+    from .checkpoint import CheckpointError, TensorSource, checkpoint_tensor_path, read_latest
     from .build import _params_dtype
-    from .convert import _args_for, _match_source_dtype, import_modules
+    from .convert import _args_for, _match_source_dtype, full_precision_source_config, import_modules
     from .loading import _model_class
     import_modules(imports)
     budget = parse_budget(budget)
     candidates = parse_candidates(candidates)
     base = (config or QuantConfig(bits=4)).validate()
-    model_config = read_model_config(src)
-    if model_config.get("quantization"):
-        raise CheckpointError(f"{src} is already quantized ({describe_block(model_config['quantization'])}); "
-                              f"plan the full-precision checkpoint.")
-    if int(model_config.get("model_parallel_size", 1)) != 1:
-        raise CheckpointError(f"{src} was saved with model_parallel_size={model_config['model_parallel_size']}; "
-                              f"plan a model-parallel size 1 checkpoint.")
+    model_config = full_precision_source_config(src, "plan")
     cls = _model_class(None, model_config, src)
     args = _args_for(model_config, cls, src)
     source = TensorSource(checkpoint_tensor_path(src, read_latest(src), 0))

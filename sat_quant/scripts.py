@@ -1,6 +1,6 @@
 """What SAT / CogVLM scripts call after applying ``patches/``: one function per job the scripts do by hand.
 
-CogVLM's demos build the full model on CPU, call SAT's ``quantize`` and then ``.cuda()``. The patched scripts
+CogVLM's demos build the full model on CPU, call SAT's ``quantize`` and then move it to the GPU. The patched scripts
 call :func:`load_for_inference` instead, which builds quantized (no full-precision copy), loads a
 pre-quantized checkpoint directly, runs on CPU when there is no GPU, and turns an out-of-memory failure into
 advice (:mod:`sat_quant.oom`). :func:`generation_guard` does the same around ``chat()``.
@@ -126,10 +126,10 @@ def load_for_inference(name: str, args: argparse.Namespace, *, model_cls=None,
                 model, model_args = AutoModel.from_pretrained(path, args=ns, overwrite_args=overwrite)
             else:
                 model, model_args = model_cls.from_pretrained(path, ns, overwrite_args=overwrite)
-    if device == "cpu":
-        from .compat import apply_cpu_compat, install_xformers_cpu_fallback
-        apply_cpu_compat(model)
-        install_xformers_cpu_fallback()
+            if device == "cpu":  # sat_quant's build switches these on itself; SAT's does not
+                from .compat import apply_cpu_compat, install_xformers_cpu_fallback
+                apply_cpu_compat(model)
+                install_xformers_cpu_fallback()
     return model.eval(), model_args
 
 

@@ -72,3 +72,13 @@ def fp_models():
         inputs = model_inputs(name)
         out[name] = (model, {k: v.clone() for k, v in model.state_dict().items()}, inputs, run_logits(model, inputs))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module: GPTQ, calibration and batch-1 forwards run thousands of tiny ops, and on a
+    busy 2-core machine two threads made them up to 40x slower (each waits on the other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,14 +8,7 @@ from sat_quant.formats import FORMATS, pack_nibbles, unpack_nibbles
 FORMAT_NAMES = sorted(FORMATS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # GPTQ and calibration run thousands of tiny ops: on a busy 2-core machine two threads made them up to
-    # 40x slower (threads wait on each other); one thread is fastest at these sizes
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_nibble_packing_round_trips_and_uses_high_nibble_first():

@@ -14,14 +14,7 @@ from sat_quant.planner import (Budget, LayerCosts, Option, parse_budget, plan_qu
 from tests.conftest import SAT_MODELS, build_fp, model_inputs, run_logits, sat_args
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # GPTQ and calibration run thousands of tiny ops: on a busy 2-core machine two threads made them up to
-    # 40x slower (threads wait on each other); one thread is fastest at these sizes
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _quantized_bits(model) -> float:

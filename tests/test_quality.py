@@ -27,13 +27,7 @@ def _lines(name):
     return [s.strip() for s in (DATA / name).read_text(encoding="utf-8").splitlines() if s.strip()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # batch-1 calibration forwards are tiny: one thread is faster, and far faster on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
