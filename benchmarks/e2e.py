@@ -2,7 +2,8 @@
 
 Two real SAT models: a LLaMA-style ``LLaMAModel`` (~120M parameters) and the tiny real ``CogVLMModel``
 (``tests/cogvlm_fixture.py``: EVA2-CLIP tower + visual expert, one 224x224 image in the prompt). Each variant (fp32,
-bf16, and int8 / int4 / nf4 / fp4 built with ``sat_quant.get_model``, fp32 activations, plus nf4 with ``--bf16``) runs in its own fresh process, so its peak RSS is its own: build, then SAT's
+bf16, and int8 / int4 / nf4 / fp4 built with ``sat_quant.get_model``, fp32 activations, plus nf4 with ``--bf16``)
+runs in its own fresh process, so its peak RSS is its own: build, then SAT's
 ``filling_sequence`` with ``CachedAutoregressiveMixin`` (KV cache) and a greedy strategy (top-k 1, no end
 token), same prompt and number of new tokens for all. Tokens/s counts new tokens over the whole call (prefill
 of the prompt included), best of ``REPEATS`` after a warm-up call.
@@ -50,9 +51,9 @@ def _weight_bytes(model) -> int:
 
 def _build_llama(fmt: Optional[str], act: str):
     import torch
+    from sat.model.official.llama_model import LLaMAModel
 
     import sat_quant
-    from sat.model.official.llama_model import LLaMAModel
     kw = dict(LLAMA_ARCH, device="cpu", fp16=False, bf16=act == "bf16", skip_init=False, mode="inference")
     if fmt:
         kw.update(quant=BITS[fmt], quant_format=fmt)
@@ -142,8 +143,8 @@ class Runner:
 def probe(model_name: str, variant: str, new_tokens: int = 4) -> dict:
     """Memory of one variant, in this (fresh) process: build, generate ``new_tokens``, report weight bytes and the
     peak RSS growth over the post-import baseline (tokens/s are measured side by side in one process instead)."""
-    import sat_quant.compat  # noqa: F401  one-time imports every variant pays, before the baseline
-    from tests.rss_probe import peak_bytes, reset_peak, rss_bytes
+    import sat_quant.sat.compat  # noqa: F401  one-time imports every variant pays, before the baseline
+    from tests.workers.rss_probe import peak_bytes, reset_peak, rss_bytes
     _init_sat()
     baseline = rss_bytes()
     reset_peak()  # VmHWM from here on: the model and its generation, not the imports
@@ -220,7 +221,7 @@ def run(models: Tuple[str, ...] = ("llama", "cogvlm")) -> str:
     for model_name in models:
         variants = VARIANTS if model_name == "llama" else COGVLM_VARIANTS
         results = [_run_probe(model_name, v) for v in variants]
-        for r, (v, t) in zip(results, time_side_by_side(model_name, variants).items()):
+        for r, (_v, t) in zip(results, time_side_by_side(model_name, variants).items()):
             r.update(tokens_per_s=t["decode"], prefill_s=t["prefill_s"], overall=t["overall"])
         params = results[0]["params"]
         if model_name == "llama":

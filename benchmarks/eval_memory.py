@@ -35,18 +35,19 @@ def _probe(variant: str, checkpoint: str) -> dict:
 
 def _estimate_17b() -> "OrderedDict[str, int]":
     """Weights + KV cache + one forward's activations (logits over the whole prompt included) for CogVLM-17B."""
-    import argparse
 
     from sat.arguments import update_args_with_file
 
-    from sat_quant.config import QuantConfig
-    from sat_quant.loading import _model_class, fill_script_defaults
-    from sat_quant.memory import build_on_meta, estimate_runtime, estimate_weights
+    from sat_quant.engine.config import QuantConfig
+    from sat_quant.sat.args import fill_script_defaults
+    from sat_quant.sat.build import build_on_meta
+    from sat_quant.sat.loading import model_class_for
+    from sat_quant.tools.estimate import estimate_runtime, estimate_weights
     from tests.cogvlm_fixture import cogvlm_model_class
     cogvlm_model_class()
     path = os.path.join(ROOT, "configs", "cogvlm-chat-17b.json")
     with open(path) as f:
-        cls = _model_class(None, json.load(f), path)
+        cls = model_class_for(None, json.load(f), path)
     args = fill_script_defaults(update_args_with_file(cls.get_args(), path))
     args.skip_init, args.device, args.fp16, args.bf16 = True, "cpu", False, False
     model = build_on_meta(cls, args)
@@ -67,14 +68,14 @@ def run() -> str:
     from tests.cogvlm_fixture import cogvlm_available
     if not cogvlm_available():
         return "## Evaluation memory: CogVLM\n\nSkipped: the CogVLM snapshot (../shared/cogvlm) is not here.\n"
-    from sat_quant.config import QuantConfig
-    from sat_quant.convert import convert
-    from sat_quant.models.cogvlm_assets import save_tiny_checkpoint
+    from sat_quant.engine.config import QuantConfig
+    from sat_quant.testing.cogvlm_assets import save_tiny_checkpoint
+    from sat_quant.tools.convert import convert
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = os.path.join(tmp, "fp32")
         save_tiny_checkpoint(fp32, vocab_size=VOCAB)
         checkpoints = {}  # each variant loads what it would serve from: fp32 as saved, int4 pre-converted once
-        for name, settings in VARIANTS.items():
+        for settings in VARIANTS.values():
             if settings.get("quant"):
                 key = tuple(settings.get("quant_skip", ()))
                 if key not in checkpoints:
@@ -90,7 +91,9 @@ def run() -> str:
     lines = ["## Evaluation memory: CogVLM", "",
              f"CogVLM's evaluate/chat path (SAT's `filling_sequence`, KV cache, greedy, {NEW_TOKENS} new tokens) on the "
              f"real CogVLMModel at a tiny size with CogVLM's {VOCAB:,}-token vocabulary; one fresh subprocess per "
-             "row, loading what it would serve from (fp32: the saved checkpoint; int4: converted once with `sat-quant convert`), peak RSS growth over the post-import baseline (loading + generation). The 17B column prices the "
+             "row, loading what it would serve from (fp32: the saved checkpoint; int4: converted once with "
+             "`sat-quant convert`), peak RSS growth over the post-import baseline (loading + generation). The 17B "
+             "column prices the "
              "same rows on the full CogVLM-17B shape (weights + KV cache + one forward's activations, "
              "--max_length 1288, fp16 activations; `python -m benchmarks --only eval_memory`).", "",
              "| variant | tiny: weights MiB | tiny: peak MiB | vs fp32 | CogVLM-17B estimate GiB |",
@@ -107,5 +110,5 @@ def run() -> str:
               "only on the last position while generating (the prompt's logits over the vocabulary are never "
               "materialised).",
               f"The last-position path generated {'the same' if same else 'DIFFERENT'} tokens as the full-logits "
-              "path here (tests/test_generation.py checks this on every run)."]
+              "path here (tests/sat/test_generation.py checks this on every run)."]
     return "\n".join(lines) + "\n"

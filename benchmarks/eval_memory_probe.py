@@ -25,12 +25,11 @@ VARIANTS = {
 def main(variant: str, checkpoint: str, new_tokens: int) -> None:
     import argparse
 
-    import torch
     import sat_quant
-    from sat_quant.build import release_freed_memory
-    from sat_quant.scripts import load_for_inference
+    from sat_quant.engine.replace import release_freed_memory
+    from sat_quant.tools.patched_scripts import load_for_inference
     from tests.cogvlm_fixture import cogvlm_model_class, greedy_generate
-    from tests.rss_probe import peak_bytes, reset_peak, rss_bytes
+    from tests.workers.rss_probe import peak_bytes, reset_peak, rss_bytes
     cogvlm_model_class()  # registers CogVLMModel with SAT (imports utils.models)
     import xformers.ops  # noqa: F401  one-time imports every variant pays
     settings = dict(VARIANTS[variant])

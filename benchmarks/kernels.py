@@ -12,8 +12,8 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from sat_quant.backends import BACKENDS
-from sat_quant.formats import FORMATS
+from sat_quant.engine.backends import BACKENDS
+from sat_quant.engine.formats import FORMATS
 
 CACHE_BYTES = 32 * 2**20          # L3 of the reference CPU; we read >= 4x this per sweep
 SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in): a square projection and an MLP up-projection
@@ -41,7 +41,7 @@ def bench_shape(out_f: int, in_f: int, batch: int, include_reference: bool) -> L
         nbytes = out_f * in_f * torch.empty((), dtype=dtype).element_size()
         ws = [torch.randn(out_f, in_f, generator=gen).to(dtype) for _ in range(_n_weights(nbytes))]
         x = x32.to(dtype)
-        sec = _time(lambda i: F.linear(x, ws[i]), len(ws))
+        sec = _time(lambda i, x=x, ws=ws: F.linear(x, ws[i]), len(ws))
         rows.append(dict(kind=label, backend="torch dense", seconds=sec, bytes=nbytes))
         del ws
     for name, fmt in FORMATS.items():
@@ -57,7 +57,7 @@ def bench_shape(out_f: int, in_f: int, batch: int, include_reference: bool) -> L
             # distinct copies so each call streams a weight that is not in cache
             kernels = [backend.prepare(fmt, spec, {k: v.clone() for k, v in base.items()}) for _ in range(n)]
             for x in (x32, x32.to(torch.bfloat16)):
-                sec = _time(lambda i: backend.linear(x, fmt, spec, kernels[i]), n,
+                sec = _time(lambda i, x=x, b=backend, f=fmt, s=spec, k=kernels: b.linear(x, f, s, k[i]), n,
                             min_seconds=0.4 if backend_name != "reference" else 0.2,
                             max_calls=400 if backend_name != "reference" else 6)
                 rows.append(dict(kind=f"{name} ({'fp32' if x.dtype == torch.float32 else 'bf16'} act)",

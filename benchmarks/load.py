@@ -22,7 +22,7 @@ def _write_checkpoints(root: str):
     from sat.training.model_io import save_checkpoint
 
     from sat_quant import QuantConfig
-    from sat_quant.convert import convert
+    from sat_quant.tools.convert import convert
     torch.manual_seed(0)
     args = GPT2Model.get_args(**ARCH, device="cpu", fp16=True)
     model = get_model(args, GPT2Model)

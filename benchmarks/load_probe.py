@@ -9,11 +9,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 def main(mode: str, path: str) -> None:
     import torch
+    from sat.arguments import _simple_init
     from sat.model.official.gpt2_model import GPT2Model
 
     import sat_quant
-    import sat_quant.compat  # noqa: F401  one-time imports (xformers, triton rotary) both paths would pay
-    from sat.arguments import _simple_init
+    import sat_quant.sat.compat  # noqa: F401  one-time imports (xformers, triton rotary) both paths would pay
     _simple_init(model_parallel_size=1, seed=1234)
     import xformers.ops  # noqa: F401
     from sat.model.position_embedding import triton_rotary_embeddings  # noqa: F401

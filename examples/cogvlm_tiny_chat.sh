@@ -13,7 +13,7 @@ WORK="${1:-$(mktemp -d)}"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 SAT_QUANT_COGVLM_DIR="$COGVLM_DIR"
 
 echo "== 1. a tiny CogVLM as a full-precision SAT checkpoint, a tokenizer and an image -> $WORK"
-python -m sat_quant.models.cogvlm_assets "$WORK"
+python -m sat_quant.testing.cogvlm_assets "$WORK"
 
 echo "== 2. convert it to 4-bit once (quantized tensor by tensor, never whole in memory)"
 PYTHONPATH="$COGVLM_DIR" sat-quant convert "$WORK/fp" "$WORK/int4" --quant 4 --quant-group-size 64 \

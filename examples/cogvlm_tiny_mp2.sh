@@ -10,7 +10,7 @@ COGVLM_DIR="${COGVLM_DIR:-$REPO/../shared/cogvlm}"
 WORK="${1:-$(mktemp -d)}"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 SAT_QUANT_COGVLM_DIR="$COGVLM_DIR"
 
-[ -d "$WORK/fp" ] || python -m sat_quant.models.cogvlm_assets "$WORK"
+[ -d "$WORK/fp" ] || python -m sat_quant.testing.cogvlm_assets "$WORK"
 # group 64: the tiny EVA's 1920-wide MLP splits into 960 columns per rank, which 128 does not divide
 [ -d "$WORK/int4" ] || PYTHONPATH="$COGVLM_DIR" sat-quant convert "$WORK/fp" "$WORK/int4" --quant 4 \
     --quant-group-size 64 --import utils.models --quiet

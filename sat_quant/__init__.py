@@ -1,51 +1,64 @@
 """sat_quant: quantization for SwissArmyTransformer models, applied while the model is built.
 
-Public API (see README.md):
-- flags: ``add_quant_args``, ``validate_quant_args``
-- config: ``QuantConfig``
-- building: ``get_model`` (drop-in for SAT's), ``quantize_`` (an already built model), ``linear_weights_on_meta``
-- checkpoints: ``save_checkpoint``, ``from_pretrained`` (SAT layout, safetensors, atomic, verified),
-  ``convert`` / ``dequantize`` / ``reshard`` (offline, on checkpoint folders)
-- fine-tuning: ``QuantLoraMixin`` (SAT mixin), ``add_lora_``, ``merge_lora_`` (LoRA on quantized layers),
-  ``merge_lora`` (offline, on a QLoRA checkpoint)
-- layers: ``QuantLinear``, ``QuantColumnParallelLinear``, ``QuantRowParallelLinear``
-- report: ``quant_report``, ``QuantReport``
-- quality: ``quantize_calibrated_`` (GPTQ from a few inputs), ``plan_quantization`` / ``quantize_to_budget_``
-  (per-layer formats to fit ``--quant-budget``), ``QuantPlan``
-- scripts (patches/): ``sat_quant.scripts.load_for_inference``; ``oom_guidance`` (advice instead of a bare OOM)
-- CPU helpers: ``apply_cpu_compat``, ``install_xformers_cpu_fallback``
+The public API, by job (README.md has runnable examples):
+
+- flags: ``add_quant_args``, ``validate_quant_args``, ``get_args`` (SAT's, plus ``--quant*``, validated)
+- config: ``QuantConfig``; ``get_format`` (a format by name)
+- building: ``get_model`` (drop-in for SAT's), ``quantized_class`` (a SAT class that quantizes itself, for SAT's own
+  entry points), ``quantize_`` (an already built model)
+- checkpoints: ``save_checkpoint``, ``from_pretrained`` (SAT's layout, safetensors, atomic, verified)
+- offline jobs on checkpoint folders: ``convert``, ``dequantize``, ``reshard``, ``merge_lora_checkpoint``,
+  ``inspect_checkpoint``, ``plan_checkpoint``
+- fine-tuning: ``QuantLoraMixin`` (SAT mixin), ``add_lora_`` / ``merge_lora_`` (LoRA on a model in memory)
+- quality: ``quantize_calibrated_`` (GPTQ from a few inputs), ``plan_quantization`` / ``quantize_to_budget_`` and
+  ``QuantPlan`` (per-layer formats to fit ``--quant-budget``)
+- inspection: ``quant_report`` / ``QuantReport``, ``QuantLinear`` (what a quantized layer is)
+- errors: ``QuantError`` and its kinds; ``oom_guidance`` (advice instead of a bare out-of-memory error)
+- CPU: ``apply_cpu_compat``, ``install_xformers_cpu_fallback``
+
+Everything else is reachable in its layer (``sat_quant.engine``, ``.algorithms``, ``.io``, ``.sat``, ``.tools``; see
+docs/ARCHITECTURE.md). Names are imported on first use, so ``import sat_quant`` does not import SAT or deepspeed.
 """
-from .args import add_quant_args, get_args, validate_quant_args
-from .calibration import quantize_calibrated_
-from .build import get_model, linear_weights_on_meta, quantize_, quantized_class
-from .checkpoint import CheckpointError, save_checkpoint
-from .config import QuantConfig
-from .convert import convert, dequantize, merge_lora, reshard
-from .errors import QuantBackendError, QuantConfigError, QuantError
-from .formats import FORMATS, get_format
-from .layers import QuantColumnParallelLinear, QuantLinear, QuantRowParallelLinear
-from .loading import from_pretrained
-from .lora import QuantLoraMixin, add_lora_, merge_lora_
-from .mixin import QuantMixin
-from .oom import QuantOutOfMemoryError, oom_guidance
-from .planner import QuantPlan, plan_quantization, quantize_to_budget_
-from .report import QuantReport, quant_report
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any, List
+
+from ._version import __version__ as __version__
+from .errors import CheckpointError as CheckpointError
+from .errors import QuantBackendError as QuantBackendError
+from .errors import QuantConfigError as QuantConfigError
+from .errors import QuantError as QuantError
+
+# public name → the module (relative to this package) that defines it
+_LAZY = {
+    "add_quant_args": "sat.args", "validate_quant_args": "sat.args", "get_args": "sat.args",
+    "QuantConfig": "engine.config", "get_format": "engine.formats",
+    "get_model": "sat.build", "quantized_class": "sat.build", "quantize_": "engine.replace",
+    "save_checkpoint": "sat.checkpoint", "from_pretrained": "sat.loading",
+    "convert": "tools.convert", "dequantize": "tools.dequantize", "reshard": "tools.reshard",
+    "merge_lora_checkpoint": "tools.merge_lora", "inspect_checkpoint": "tools.inspect_checkpoint",
+    "plan_checkpoint": "tools.plan",
+    "QuantLoraMixin": "sat.lora_mixin", "add_lora_": "engine.lora", "merge_lora_": "engine.lora",
+    "quantize_calibrated_": "algorithms.calibration", "plan_quantization": "algorithms.planner",
+    "quantize_to_budget_": "algorithms.planner", "QuantPlan": "algorithms.planner",
+    "quant_report": "engine.report", "QuantReport": "engine.report", "QuantLinear": "engine.layers",
+    "oom_guidance": "oom", "QuantOutOfMemoryError": "oom",
+    "apply_cpu_compat": "sat.compat", "install_xformers_cpu_fallback": "sat.compat",
+}
 
 
-def __getattr__(name):  # the CPU compat layer imports xformers lazily; keep `import sat_quant` light
-    if name in ("apply_cpu_compat", "install_xformers_cpu_fallback"):
-        from . import compat
-        return getattr(compat, name)
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sat_quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
-__all__ = ["add_quant_args", "get_args", "validate_quant_args", "QuantConfig",
-           "get_model", "quantize_", "quantized_class", "linear_weights_on_meta",
-           "save_checkpoint", "from_pretrained", "convert", "dequantize", "reshard", "merge_lora", "add_lora_", "merge_lora_",
-           "QuantLoraMixin",
-           "QuantLinear", "QuantColumnParallelLinear", "QuantRowParallelLinear", "QuantMixin",
-           "QuantReport", "quant_report", "quantize_calibrated_", "plan_quantization", "quantize_to_budget_",
-           "QuantPlan", "FORMATS", "get_format", "apply_cpu_compat", "install_xformers_cpu_fallback",
-           "QuantError", "QuantConfigError", "QuantOutOfMemoryError", "oom_guidance", "QuantBackendError", "CheckpointError", "__version__"]
+def __dir__() -> List[str]:
+    return sorted(__all__)
+
+
+__all__ = sorted(["__version__", "CheckpointError", "QuantBackendError", "QuantConfigError", "QuantError", *_LAZY])

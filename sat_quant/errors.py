@@ -11,3 +11,7 @@ class QuantConfigError(QuantError, ValueError):
 
 class QuantBackendError(QuantError, RuntimeError):
     """The requested kernel backend cannot run this format on this device/dtype."""
+
+
+class CheckpointError(QuantError, RuntimeError):
+    """A checkpoint cannot be saved or loaded; the message names the file and the fix."""

@@ -22,9 +22,15 @@ from typing import Any, Optional, Tuple
 import torch
 
 # the tiny configuration and the fill for CogVLM's skip_init weights live in the package (examples use them too)
-from sat_quant.models.cogvlm_assets import (EXPERT_INIT_STD, RUN_ARGS, SKIP_INIT_MIXINS,  # noqa: F401
-                                            TINY_EVA_ARGS, TINY_LM_ARGS, init_skipped_weights,
-                                            tiny_args)
+from sat_quant.testing.cogvlm_assets import (  # noqa: F401
+    EXPERT_INIT_STD,
+    RUN_ARGS,
+    SKIP_INIT_MIXINS,
+    TINY_EVA_ARGS,
+    TINY_LM_ARGS,
+    init_skipped_weights,
+    tiny_args,
+)
 
 
 def _find_cogvlm_dir() -> Path:
@@ -87,7 +93,7 @@ def build_tiny_cogvlm(params_dtype: torch.dtype = torch.float32, *, cpu_compat: 
     """
     from sat.model.base_model import get_model
 
-    from sat_quant.compat import apply_cpu_compat, install_xformers_cpu_fallback
+    from sat_quant.sat.compat import apply_cpu_compat, install_xformers_cpu_fallback
 
     if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"params_dtype must be float32, bfloat16 or float16, not {params_dtype}")
@@ -146,12 +152,12 @@ def greedy_generate(model: torch.nn.Module, new_tokens: int = 8, seq_len: int = 
                     lean: bool = False, **input_kw: Any) -> torch.Tensor:
     """Greedy generation the way CogVLM's ``chat()`` runs it: SAT's ``filling_sequence`` with the
     cached-autoregressive mixin on the :func:`tiny_cogvlm_inputs` image+text prompt. ``lean`` adds
-    :func:`sat_quant.generation.last_position_logits`. Returns the token sequence [1, seq_len + new_tokens]."""
+    :func:`sat_quant.sat.generation.last_position_logits`. Returns the token sequence [1, seq_len + new_tokens]."""
     from sat.generation.autoregressive_sampling import filling_sequence
     from sat.generation.sampling_strategies import BaseStrategy
     from sat.model.mixins import CachedAutoregressiveMixin
 
-    from sat_quant.generation import last_position_logits
+    from sat_quant.sat.generation import last_position_logits
     inputs = tiny_cogvlm_inputs(seq_len=seq_len, dtype=next(model.parameters()).dtype, **input_kw)
     context = inputs.pop("input_ids")[0]
     positions = inputs.pop("position_ids")[0]

@@ -1,7 +1,7 @@
 """Run CogVLM's own scripts, patched with ``patches/``, on the tiny real model: helpers for the tests.
 
 A patched copy of the upstream snapshot is made in a temporary folder (the snapshot itself is never
-modified); checkpoints, tokenizer and image come from :mod:`sat_quant.models.cogvlm_assets`.
+modified); checkpoints, tokenizer and image come from :mod:`sat_quant.testing.cogvlm_assets`.
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def build_fp(name: str, seed: int = 0, **overrides):
     """A full-precision reference model built with SAT's own get_model (CPU fallbacks switched on)."""
     from sat.model.base_model import get_model as sat_get_model
 
-    from sat_quant.compat import apply_cpu_compat
+    from sat_quant.sat.compat import apply_cpu_compat
     torch.manual_seed(seed)
     args = sat_args(name, **overrides)
     model = sat_get_model(args, SAT_MODELS[name][0])

@@ -1,7 +1,6 @@
 """OOM guidance: a real allocation failure while loading or generating becomes advice with figures."""
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import textwrap
@@ -55,14 +54,14 @@ needs_cogvlm = pytest.mark.skipif(not cogvlm_available(), reason="needs the CogV
 
 @needs_cogvlm
 def test_generation_guard_prices_the_kv_cache_for_max_length(tmp_path):
-    from sat_quant.scripts import generation_guard
+    from sat_quant.tools.patched_scripts import generation_guard
     from tests.cogvlm_fixture import build_tiny_cogvlm
     model, args = build_tiny_cogvlm()
     with pytest.raises(QuantOutOfMemoryError) as info:
         with generation_guard(model, args, max_length=2048):
             torch.empty(IMPOSSIBLE, dtype=torch.uint8)
     message = str(info.value)
-    from sat_quant.memory import estimate_runtime
+    from sat_quant.tools.estimate import estimate_runtime
     kv, act = estimate_runtime(args, 1, 2048, 4)
     assert "while generating up to 2048 tokens" in message and f"{(kv + act) / 2**30:.2f} GiB" in message
     assert "lower --max_length" in message
@@ -72,13 +71,13 @@ def test_generation_guard_prices_the_kv_cache_for_max_length(tmp_path):
 def test_loading_under_a_memory_limit_fails_with_advice_not_a_bare_oom(tmp_path):
     """A process whose address space is capped just above what it has mapped loads a full-precision CogVLM
     with --quant 4: the real allocation failure must surface as QuantOutOfMemoryError naming the step."""
-    from sat_quant.models.cogvlm_assets import save_tiny_checkpoint
+    from sat_quant.testing.cogvlm_assets import save_tiny_checkpoint
     save_tiny_checkpoint(str(tmp_path / "fp"))
     code = textwrap.dedent(f"""
         import argparse, resource, sys
         import torch, sat_quant, xformers.ops
         from sat.arguments import _simple_init
-        from sat_quant.scripts import load_for_inference
+        from sat_quant.tools.patched_scripts import load_for_inference
         from tests.cogvlm_fixture import cogvlm_model_class
         cogvlm_model_class()
         _simple_init(model_parallel_size=1, seed=1234)  # gloo's threads start before the cap

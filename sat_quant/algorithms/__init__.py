@@ -1,0 +1,1 @@
+"""Algorithms over tensors and a QuantConfig: calibration (GPTQ) and the budget planner. No files, no argparse."""

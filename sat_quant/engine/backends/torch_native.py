@@ -1,0 +1,131 @@
+"""torch's own weight-only kernels: ``_weight_int8pack_mm`` (CPU, CUDA) and the int4 tinygemm
+kernels (``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA).
+
+Both int4 kernels compute ``(q - 8) * scale + z`` per group, so our ``(q - zero) * scale``
+maps to ``z = (8 - zero) * scale``. The CPU kernel wants its own interleaved nibble layout
+(blocks of BLOCK_N rows); a probe on first use finds BLOCK_N and checks that our uint8 packing equals
+torch's converter bit for bit, then we pack and unpack with plain tensor ops (several times faster).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..formats import LayerSpec, WeightFormat, pack_nibbles, unpack_nibbles
+from .base import Backend, KernelTensors, cached
+
+_INT4_GROUPS = (32, 64, 128, 256)
+
+
+def _cpu_pack_reference(codes: torch.Tensor, block_n: int) -> torch.Tensor:
+    """Pure-torch model of torch's CPU int4 layout: [N/BN, K, BN/2] bytes, row j low nibble, row j+BN/2 high."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n // block_n, block_n, k).transpose(1, 2)
+    half = block_n // 2
+    return (c[..., :half] | (c[..., half:] << 4)).reshape(n, k // 2).contiguous()
+
+
+def _cpu_unpack(packed: torch.Tensor, n: int, k: int, block_n: int) -> torch.Tensor:
+    """Inverse of ``_cpu_pack_reference``: kernel bytes → [N, K] uint8 codes."""
+    p = packed.reshape(n // block_n, k, block_n // 2)
+    c = torch.cat([p & 15, p >> 4], dim=-1)  # [NB, K, BN]
+    return c.transpose(1, 2).reshape(n, k).contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int4_block_n() -> Optional[int]:
+    """Block size of torch's CPU int4 packing on this machine, or None when the layout is not the known one."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (256, 64), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for block_n in (64, 32, 16, 128, 256):
+        if torch.equal(_cpu_pack_reference(codes, block_n), packed):
+            return block_n
+    return None
+
+
+class TorchNativeBackend(Backend):
+    name = "torch"
+
+    def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
+        dev = torch.device(device).type
+        if fmt.kernel_layout == "int8_rowwise":
+            return None if dev in ("cpu", "cuda") else f"no int8 kernel for device {dev}"
+        if fmt.kernel_layout != "int4_affine":
+            return f"torch has no kernel for {fmt.name}"
+        if spec.group_size not in _INT4_GROUPS:
+            return f"torch int4 kernels need group size in {_INT4_GROUPS}, got {spec.group_size}"
+        if dev == "cpu":
+            block_n = cpu_int4_block_n()
+            if block_n is None:
+                return "torch's CPU int4 packing layout on this machine is not the one sat_quant knows"
+            if spec.out_features % block_n:
+                return f"torch CPU int4 kernel needs out_features divisible by {block_n}, got {spec.out_features}"
+            return None
+        if dev == "cuda":
+            if spec.out_features % 8 or spec.in_features % (16 * 8):
+                return "torch CUDA int4 kernel needs out_features % 8 == 0 and in_features % 128 == 0"
+            return None
+        return f"no int4 kernel for device {dev}"
+
+    # -- layout -----------------------------------------------------------------------------------
+    def prepare(self, fmt: WeightFormat, spec: LayerSpec, neutral: KernelTensors) -> KernelTensors:
+        if fmt.kernel_layout != "int4_affine":
+            return dict(neutral)
+        qweight = neutral["qweight"]
+        out = {k: v for k, v in neutral.items() if k != "qweight"}  # the group parameters, as saved
+        if qweight.device.type == "cpu":  # our uint8 model of torch's layout: verified by the probe, ~4x faster
+            out["packed"] = _cpu_pack_reference(unpack_nibbles(qweight), cpu_int4_block_n())
+        else:
+            out["packed"] = torch.ops.aten._convert_weight_to_int4pack(qweight.contiguous(), 8)
+            out["_neutral_qweight"] = qweight  # CUDA tile layout has no cheap inverse; keep the 4-bit codes too
+        return out
+
+    def zeros(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> KernelTensors:
+        if fmt.kernel_layout != "int4_affine" or torch.device(device).type != "cpu":
+            return super().zeros(fmt, spec, device)
+        # code 0 is byte 0 in any nibble order: the packed zeros need no repacking (and no second buffer)
+        layout = fmt.layout(spec)
+        out = {name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in layout.items()
+               if name != "qweight"}
+        out["packed"] = torch.zeros(layout["qweight"][0], dtype=torch.uint8, device=device)
+        return out
+
+    def to_neutral(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> KernelTensors:
+        if fmt.kernel_layout != "int4_affine":
+            return super().to_neutral(fmt, spec, kernel)
+        if "_neutral_qweight" in kernel:
+            qweight = kernel["_neutral_qweight"]
+        else:
+            codes = _cpu_unpack(kernel["packed"], spec.out_features, spec.in_features, cpu_int4_block_n())
+            qweight = pack_nibbles(codes)
+        return {"qweight": qweight, **{k: v for k, v in kernel.items() if not k.startswith("_") and k != "packed"}}
+
+    # -- compute ----------------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
+        shape = x.shape
+        # Both kernels are fast only with bf16 activations (on CPU fp32 input takes a path ~10x slower
+        # than dense fp32, see benchmarks/RESULTS.md); they accumulate in fp32. The activation rounding
+        # (~0.3% relative) is below int8's own weight error; the output returns in the caller's dtype.
+        xk = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        if fmt.kernel_layout == "int8_rowwise":
+            scale = cached(kernel, "_scale_bf16", lambda: kernel["scale"].to(torch.bfloat16))
+            y = torch.ops.aten._weight_int8pack_mm(xk, kernel["qweight"], scale)
+        else:
+            sz = cached(kernel, "_sz_bf16", lambda: _scales_and_zeros(fmt, spec, kernel, torch.bfloat16))
+            if xk.device.type == "cpu":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, kernel["packed"], spec.group_size, sz)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm(xk, kernel["packed"], spec.group_size, sz)
+        return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
+
+
+def _scales_and_zeros(fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors, dtype: torch.dtype) -> torch.Tensor:
+    """[G, N, 2] tensor the int4 kernels read: scale, and z = (8 - zero) * scale (they compute (q - 8) * s + z)."""
+    scale, zero_point = fmt.affine_groups(kernel, spec)
+    zero = (8.0 - zero_point) * scale
+    return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)

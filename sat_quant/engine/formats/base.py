@@ -1,0 +1,136 @@
+"""The contract every weight format fulfils: quantize, dequantize, describe its tensors and say what it can do.
+
+A format owns the kernel-neutral layout (what goes to disk); backends own kernel layouts. What a format can do
+(which kernels read it, whether calibration applies, which tensors are per-row) is declared on its class, so
+adding a format is one module with ``@register_format`` plus its tests: nothing elsewhere keeps lists of names.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional, Tuple, Type
+
+import torch
+
+from ...errors import QuantConfigError
+
+TensorLayout = Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one linear layer is quantized: its format, group size and (local) weight shape [out, in]."""
+
+    format: str
+    out_features: int
+    in_features: int
+    group_size: Optional[int] = None
+
+    @property
+    def num_groups(self) -> int:
+        return 1 if self.group_size is None else self.in_features // self.group_size
+
+
+class WeightFormat(ABC):
+    """One quantized weight format. Subclasses are stateless singletons registered by ``@register_format``."""
+
+    name: ClassVar[str]
+    bits: ClassVar[int]
+    default_group_size: ClassVar[Optional[int]] = None
+    grouped: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+    # -- abilities: read by backends, calibration, model-parallel splitting and inspect --------------------
+    #: names of the neutral tensors of one layer (the keys of ``layout``), as saved
+    tensor_names: ClassVar[Tuple[str, ...]] = ()
+    #: what ``--quant <bits>`` picks when no ``--quant-format`` is given
+    default_for_bits: ClassVar[bool] = False
+    #: the standard layout kernels read it as: "int8_rowwise" (int8 codes, one scale per row), "int4_affine"
+    #: (4-bit codes with per-group scale and zero-point, see ``affine_groups``), "codebook4" (4-bit codes into a
+    #: 16-value ``table``, per-block absmax, bitsandbytes' layout), or "" (reference kernel only)
+    kernel_layout: ClassVar[str] = ""
+    #: backends ``--quant-backend auto`` tries, fastest first (each may still decline a shape or device)
+    backend_order: ClassVar[Tuple[str, ...]] = ("reference",)
+    #: ``quantize(..., hessian=H)`` runs GPTQ against calibration statistics
+    calibratable: ClassVar[bool] = False
+    #: tensors of shape [out] whose value spans every input column of its row (a row-parallel shard sees only part)
+    per_row_tensors: ClassVar[Tuple[str, ...]] = ()
+    #: ``quantize(..., row_absmax=...)`` takes the whole row's statistic, so row-parallel shards store identical
+    #: per-row tensors; formats with per-row tensors and without it cannot be quantized on row-parallel shards
+    shares_row_stats: ClassVar[bool] = False
+
+    def affine_groups(self, tensors: Dict[str, torch.Tensor], spec: "LayerSpec") -> Tuple[torch.Tensor, torch.Tensor]:
+        """float32 [out, G] scale and zero-point with ``w = (q - zero) * scale`` (``kernel_layout == "int4_affine"``)."""
+        raise NotImplementedError(f"{self.name} is not an int4_affine format")
+
+    def resolve_group_size(self, group_size: Optional[int]) -> Optional[int]:
+        """The group size this format actually uses: per-channel formats ignore it."""
+        if not self.grouped:
+            return None
+        return self.default_group_size if group_size is None else int(group_size)
+
+    def check_shape(self, out_features: int, in_features: int, group_size: Optional[int], where: str = "") -> None:
+        """Raise QuantConfigError when this format cannot hold a [out, in] weight with this group size."""
+        at = f" for layer '{where}'" if where else ""
+        if self.grouped:
+            if group_size is None or group_size <= 0 or group_size % 2:
+                raise QuantConfigError(f"{self.name}: group size must be a positive even number, got {group_size}{at}; "
+                                       f"set --quant-group-size (e.g. 32, 64 or 128).")
+            if in_features % group_size:
+                divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+                hint = f"use --quant-group-size {divisors[-1]}" if divisors else "add it to --quant-skip"
+                raise QuantConfigError(
+                    f"{self.name}: in_features={in_features}{at} is not divisible by group size {group_size}; "
+                    f"{hint} (sat_quant does not pad groups).")
+
+    def spec(self, out_features: int, in_features: int, group_size: Optional[int] = None, where: str = "") -> LayerSpec:
+        group = self.resolve_group_size(group_size)
+        self.check_shape(out_features, in_features, group, where)
+        return LayerSpec(self.name, out_features, in_features, group)
+
+    @abstractmethod
+    def layout(self, spec: LayerSpec) -> TensorLayout:
+        """Name → (shape, dtype) of the kernel-neutral tensors of one layer (see docs/FORMAT.md)."""
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec) -> Dict[str, torch.Tensor]:
+        """Plain-torch reference quantization of a [out, in] float weight into the neutral tensors."""
+
+    @abstractmethod
+    def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Plain-torch reference reconstruction of the [out, in] weight; every backend is tested against it."""
+
+    def nbytes(self, spec: LayerSpec) -> int:
+        """Bytes the neutral tensors of one layer occupy."""
+        total = 0
+        for shape, dtype in self.layout(spec).values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    def bits_per_param(self, spec: LayerSpec) -> float:
+        return 8.0 * self.nbytes(spec) / (spec.out_features * spec.in_features)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] integer codes 0..15 → [N, K/2] uint8, even index in the high nibble (bitsandbytes' order)."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] << 4) | c[:, 1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: [N, K/2] uint8 → [N, K] uint8 codes."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1)
+
+
+FORMATS: Dict[str, WeightFormat] = {}
+
+
+def register_format(cls: Type[WeightFormat]) -> Type[WeightFormat]:
+    """Class decorator: register one instance of the format under ``cls.name`` (``--quant-format`` takes it)."""
+    if cls.name in FORMATS:
+        raise ValueError(f"weight format {cls.name!r} is registered twice")
+    FORMATS[cls.name] = cls()
+    return cls

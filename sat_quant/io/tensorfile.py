@@ -1,0 +1,144 @@
+"""Tensor files: safetensors written in one call and fsynced; safetensors or SAT ``.pt`` read one tensor at a time.
+
+Reading never runs pickled code (``weights_only=True``) and never keeps more than ``_REMAP_BYTES`` of a file's
+memory map resident (the map is re-opened), so loading a 35 GB checkpoint needs memory for the model only.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Dict, Tuple
+
+import torch
+
+from ..errors import CheckpointError
+
+_REMAP_BYTES = 16 * 2**20
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 * 2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_tensor_file(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """safetensors writes the file; separate storages are required, so shared tensors are cloned."""
+    from safetensors.torch import save_file
+    seen_ptrs = set()
+    clean = {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu")
+        if not t.is_contiguous() or t.data_ptr() in seen_ptrs or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.contiguous().clone()
+        seen_ptrs.add(t.data_ptr())
+        clean[name] = t
+    save_file(clean, path, metadata={"format": "pt", "producer": "sat_quant"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates 0600; follow the umask like every other file we write
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+class TensorSource:
+    """Reads named tensors from a safetensors file or a SAT .pt, one at a time, with bounded residency."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handle = None
+        self._mapped_bytes = 0
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            self._open = lambda: safe_open(path, framework="pt", device="cpu")
+            try:
+                self._handle = self._open()
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                                      f"it may be truncated or corrupted.") from None
+            self._shapes = {}
+            for k in self._handle.keys():
+                sl = self._handle.get_slice(k)
+                self._shapes[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+        else:
+            self._state = torch_load_safely(path)
+            self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()
+                            if isinstance(v, torch.Tensor)}
+
+    def layout(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+        return self._shapes
+
+    def get(self, name: str, *, owned: bool = True) -> torch.Tensor:
+        """The tensor ``name``; with ``owned`` (default) in memory of its own, never a view of the file's map.
+
+        ``owned=False`` may return a view of the memory map (it pins the map while referenced): for a
+        caller that copies it right away (``param.copy_``), saving a temporary copy.
+        """
+        if self._handle is None:
+            t = self._state[name]
+            return t.clone() if owned else t
+        shape, dtype = self._shapes[name]
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if self._mapped_bytes and self._mapped_bytes + nbytes > _REMAP_BYTES:
+            self._remap()
+        # safetensors' tensors are views of its memory map: one kept by the model (an int4 scale, a
+        # whole int8 qweight) would pin the map, and every page touched through it, for good
+        t = self._handle.get_tensor(name)
+        if owned:
+            t = t.clone()
+        self._mapped_bytes += nbytes
+        return t
+
+    def _remap(self) -> None:
+        """Drop the memory map (file pages touched through it otherwise stay resident) and open a new one."""
+        self._handle = None
+        self._handle = self._open()
+        self._mapped_bytes = 0
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return _ST_DTYPES.get(name, torch.uint8)
+
+
+def _numpy_rng_globals() -> list:
+    """What SAT's deepspeed checkpoints pickle besides tensors: numpy's RNG state (a uint32 array). These few
+    numpy types rebuild plain arrays only; any other global is still refused by weights_only."""
+    try:
+        import numpy as np
+        core = getattr(np, "_core", None) or np.core
+        return [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+    except (ImportError, AttributeError):
+        return []
+
+
+def torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
+    """A SAT .pt, memory-mapped and with weights_only=True: a pickle that would run code is refused."""
+    import pickle
+    import zipfile
+    try:
+        # files from torch < 1.6 (legacy format) cannot be memory-mapped; weights_only holds for them too
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        detail = next((l.strip() for l in lines if "Unsupported" in l), lines[0] if lines else "")
+        raise CheckpointError(f"{path} contains pickled code or objects that are not plain tensors; sat_quant "
+                              f"loads checkpoints with weights_only=True and refuses it. Re-save it from "
+                              f"trusted code as a plain state dict. ({detail})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({exc}); it may be truncated.") from None
+    if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
+        raise CheckpointError(f"{path} is not a SAT checkpoint (expected a dict with a 'module' state dict).")
+    return sd["module"]
+
+
+
+
+__all__ = ["sha256_file", "write_tensor_file", "TensorSource", "torch_load_safely"]

@@ -1,0 +1,159 @@
+"""``from_pretrained``: SAT's ``from_pretrained`` for quantized models, without a full-precision copy.
+
+- a sat_quant checkpoint (quantization block in model_config.json): built on meta with exactly the
+  saved layer formats, then filled with the packed tensors (no ``--quant`` needed);
+- a full-precision checkpoint plus ``--quant``: built quantized, then each weight is quantized as it
+  is read from the memory-mapped ``.pt`` / ``.safetensors``;
+- anything else: SAT's own path.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from sat.arguments import overwrite_args_by_dict, update_args_with_file
+from sat.model.base_model import get_model as sat_get_model
+from sat.model.registry import model_registry
+from sat.training.model_io import load_checkpoint
+from torch import nn
+
+from ..engine.config import QuantConfig
+from ..errors import CheckpointError, QuantConfigError
+from ..io.layout import model_parallel_rank, read_latest, read_model_config, state_file
+from ..io.load import check_fits, fill
+from ..io.manifest import config_from_block, describe_block, read_manifest
+from ..io.parallel import agree_across_ranks, open_checkpoint_source, power_of_two
+from .args import config_from_args, fill_script_defaults, validate_quant_args
+from .build import build_quantized
+from .lora_mixin import attach_lora_from_args
+
+
+def model_class_for(model_cls, model_config: Dict[str, Any], path: str):
+    """``model_cls`` when given, else the class model_config.json names, from SAT's model registry."""
+    if model_cls is not None:
+        return model_cls
+    name = model_config.get("model_class")
+    if isinstance(name, str) and name.startswith("Quantized") and name not in model_registry.member:
+        name = name[len("Quantized"):]  # saved by a quantized_class(): rebuild from its base class
+    try:
+        return model_registry.get(name)
+    except ValueError:
+        raise CheckpointError(f"{path}/model_config.json names model_class {name!r}, which SAT does not know; "
+                              f"import the module that defines it first (sat-quant: --import MODULE).") from None
+
+
+def args_from_checkpoint(src: str, cls) -> argparse.Namespace:
+    """SAT args to rebuild the model of checkpoint folder ``src`` on CPU for an offline job (no weights initialised)."""
+    args = update_args_with_file(cls.get_args(), os.path.join(src, "model_config.json"))
+    args.skip_init, args.device, args.mode = True, "cpu", "inference"
+    fill_script_defaults(args)
+    args.fp16 = bool(getattr(args, "fp16", False))
+    args.bf16 = bool(getattr(args, "bf16", False))
+    return args
+
+
+def _check_contradiction(user: Optional[QuantConfig], block: Dict[str, Any], path: str) -> None:
+    """Passing --quant flags that disagree with what a quantized checkpoint holds is an error."""
+    if user is None:
+        return
+    saved_cfg = block["config"]
+    mismatched = []
+    if user.bits != saved_cfg.get("bits"):
+        mismatched.append(f"--quant {user.bits}")
+    if user.format != saved_cfg.get("format"):
+        mismatched.append(f"--quant-format {user.format}")
+    if user.group_size is not None and user.group_size != saved_cfg.get("group_size"):
+        mismatched.append(f"--quant-group-size {user.group_size}")
+    if mismatched:
+        raise QuantConfigError(f"{path} is already quantized to {describe_block(block)}, but "
+                               f"{', '.join(mismatched)} was asked for. Drop the --quant flags to load it as "
+                               f"saved, or convert the full-precision checkpoint again with the new settings.")
+
+
+def _update_args_with_config(args: argparse.Namespace, config: Dict[str, Any], folder: str) -> argparse.Namespace:
+    """SAT's ``update_args_with_file`` for a config already read: its keys win, ``*_path`` is relative to ``folder``."""
+    config = {k: (os.path.join(folder, v) if k.endswith("_path") else v) for k, v in config.items()}
+    rest = {k: v for k, v in vars(args).items() if k not in config}
+    return argparse.Namespace(**config, **rest)
+
+
+def _check_model_parallel_sizes(path: str, saved_mp: int, args: argparse.Namespace) -> None:
+    """Refuse, on every rank alike and before anything is built, a model-parallel size the saved shards cannot be
+    resharded to (resharding splits or merges partitions evenly: both sizes must be powers of two)."""
+    wanted = int(getattr(args, "model_parallel_size", 1) or 1)
+    if wanted != saved_mp and not (power_of_two(saved_mp) and power_of_two(wanted)):
+        raise CheckpointError(f"{path} was saved with model-parallel size {saved_mp}; loading it at {wanted} needs "
+                              f"both to be powers of two (resharding splits or merges partitions evenly). "
+                              f"Use --model-parallel-size {saved_mp}, or a power of two.")
+
+
+def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = None, *,
+                    overwrite_args: Optional[Dict[str, Any]] = None, verify: bool = True,
+                    **kwargs) -> Tuple[nn.Module, argparse.Namespace]:
+    """Load a SAT checkpoint directory, quantized or full precision (+ ``--quant``), into a quantized model.
+
+    Same contract as SAT's ``Model.from_pretrained(name, args, overwrite_args=...)``: returns
+    ``(model, args)`` with args updated from model_config.json. ``model_cls=None`` picks the class
+    named in model_config.json (as SAT's ``AutoModel`` does). Checkpoints are read with
+    safetensors or ``torch.load(weights_only=True, mmap=True)``; nothing pickled is executed.
+    On any error the partly built model is dropped: nothing half-loaded is returned.
+    """
+    path = name
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory; sat_quant loads local SAT checkpoint directories "
+                              f"only (it never downloads). For a SAT model name, resolve it first with "
+                              f"`sat.resources.auto_create(name)`, which returns its local folder.")
+    model_config = read_model_config(path)
+    iteration = read_latest(path)
+    rank, _ = model_parallel_rank()
+    manifest = read_manifest(path, iteration, rank)
+    block_file = os.path.join(path, "model_config.json")
+    if manifest is not None and manifest.get("quantization"):
+        block_file = state_file(path, iteration, rank, ".manifest.json")
+    block = (manifest or {}).get("quantization") or model_config.get("quantization")
+    if manifest is not None and isinstance(manifest.get("model_config"), dict):
+        # this iteration's own config: model_config.json may already describe a newer save that was
+        # killed before it could update 'latest'
+        model_config = dict(manifest["model_config"], quantization=block)
+    if block:
+        config_from_block(block, where=block_file)  # an unreadable block is named by its file, first
+    user_config = config_from_args(args) if args is not None else None
+    if block:
+        _check_contradiction(user_config, block, path)
+
+    base_args = copy.copy(args) if args is not None else None
+    cls = model_class_for(model_cls, model_config, path)
+    if base_args is None:
+        base_args = cls.get_args()
+    new_args = _update_args_with_config(base_args, model_config, path)
+    new_args = overwrite_args_by_dict(new_args, overwrite_args=dict(overwrite_args or {}))
+    new_args.skip_init = True  # every weight comes from the checkpoint
+    fill_script_defaults(new_args)
+
+    new_args.quantization = block or None  # the manifest's block is authoritative for this iteration
+    config = validate_quant_args(new_args)
+    if config is None:
+        model = sat_get_model(new_args, cls, **kwargs)
+        load_checkpoint(model, new_args, load_path=path)
+        return model, new_args
+
+    saved_mp = int(model_config.get("model_parallel_size", 1) or 1)
+    _check_model_parallel_sizes(path, saved_mp, new_args)  # before SAT builds (it asserts on odd head counts)
+    # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
+    model = build_quantized(new_args, cls, config, **kwargs)
+    attach_lora_from_args(model, new_args)  # a QLoRA checkpoint: its adapters (quant_lora in the config)
+
+    def open_and_check():
+        source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
+        check_fits(model, source)
+        return source
+
+    source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
+    fill(model, source)
+    new_args.model_parallel_size = model_parallel_rank()[1]
+    return model, new_args
+
+
+__all__ = ["from_pretrained", "model_class_for", "args_from_checkpoint"]

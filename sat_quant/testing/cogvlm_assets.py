@@ -1,0 +1,160 @@
+"""Everything CogVLM's scripts need to run offline at a tiny size: a checkpoint, a tokenizer and an image.
+
+Used by ``examples/`` and the tests of ``patches/``. The model is the real ``CogVLMModel`` imported from a
+CogVLM checkout (never copied into sat_quant); the tokenizer is a small SentencePiece model trained here in
+well under a second and saved as a ``LlamaTokenizer`` folder, which ``--local_tokenizer`` accepts like the
+real vicuna one; the image is drawn with PIL. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+#: EVA2-CLIP at tiny size. hidden 1792 is fixed: CogVLM's GLU adapter hard-codes ``in_features = 1792``.
+TINY_EVA_ARGS: Dict[str, Any] = dict(
+    num_layers=2, hidden_size=1792, num_attention_heads=16, inner_hidden_size=1920, vocab_size=1,
+    layernorm_order="post", use_final_layernorm=False, layernorm_epsilon=1e-6, model_parallel_size=1,
+    max_sequence_length=257, image_size=[224, 224], pre_len=1, post_len=0, in_channels=3, patch_size=14,
+)
+
+#: the language model at tiny size; ``image_length`` = (224 / 14)^2 patches (EVA's cls token is dropped)
+TINY_LM_ARGS: Dict[str, Any] = dict(
+    num_layers=2, hidden_size=256, num_attention_heads=4, inner_hidden_size=512, vocab_size=1000,
+    max_sequence_length=2048, layernorm_order="pre", use_bias=False, layernorm_epsilon=1e-5,
+    image_length=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+#: what CogVLM's scripts put in the namespace besides the architecture (cli_demo_sat.py, inference mode)
+RUN_ARGS: Dict[str, Any] = dict(
+    mode="inference", world_size=1, rank=0, local_rank=0, model_parallel_size=1, deepspeed=None,
+    skip_init=False, use_gpu_initialization=False, device="cpu", fp16=False, bf16=False, seed=1234,
+)
+
+#: CogVLM builds these mixins with ``skip_init=True`` (they expect a checkpoint): fill them for a fresh model
+SKIP_INIT_MIXINS = ("mlp", "rotary")
+EXPERT_INIT_STD = 0.01  # LLaMAModel's init_method_std
+
+_WORDS = ("the a an cat dog bird image picture photo shows of red green blue yellow black white small large "
+          "house tree car person man woman sitting standing on in with and is are what this that describe "
+          "color colour square circle background left right top bottom there here it").split()
+
+
+def find_cogvlm_dir(hint: Optional[str] = None) -> Path:
+    """A CogVLM checkout: ``hint``, else ``$SAT_QUANT_COGVLM_DIR``, else ``../shared/cogvlm`` beside this
+    checkout, else ``/work/shared/cogvlm``. Raises FileNotFoundError naming where it looked."""
+    here = Path(__file__).resolve().parents[3]  # the folder holding the sat_quant checkout
+    candidates = [Path(p) for p in (hint, os.environ.get("SAT_QUANT_COGVLM_DIR")) if p]
+    candidates += [here / "shared" / "cogvlm", Path("/work/shared/cogvlm")]
+    for c in candidates:
+        if (c / "utils" / "models" / "cogvlm_model.py").is_file():
+            return c
+    raise FileNotFoundError(f"no CogVLM checkout found (looked in {', '.join(map(str, candidates))}); "
+                            f"clone https://github.com/THUDM/CogVLM and pass its path or set SAT_QUANT_COGVLM_DIR.")
+
+
+def import_cogvlm(cogvlm_dir: Optional[str] = None):
+    """``utils.models`` of the checkout (its real CogVLMModel), with the checkout first on ``sys.path``."""
+    root = str(find_cogvlm_dir(cogvlm_dir))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from utils import models  # noqa: E402  (the checkout's own package)
+    return models
+
+
+def tiny_args(cogvlm_dir: Optional[str] = None, **overrides: Any) -> argparse.Namespace:
+    """SAT args for the tiny CogVLM through ``CogVLMModel.get_args`` (every SAT default present)."""
+    cls = import_cogvlm(cogvlm_dir).CogVLMModel
+    eva = copy.deepcopy(TINY_EVA_ARGS)
+    eva.update(overrides.pop("eva_args", None) or {})
+    kw = dict(TINY_LM_ARGS, **RUN_ARGS)
+    kw.update(overrides)
+    kw["eva_args"] = eva
+    return cls.get_args(**kw)
+
+
+def init_skipped_weights(model: torch.nn.Module, seed: int = 0) -> int:
+    """Seeded N(0, 0.01) values for the weights CogVLM leaves uninitialized; returns how many tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for name in SKIP_INIT_MIXINS:
+            for p in model.mixins[name].parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * EXPERT_INIT_STD)
+                count += 1
+    return count
+
+
+def save_tiny_checkpoint(out_dir: str, cogvlm_dir: Optional[str] = None, seed: int = 0,
+                         **overrides: Any) -> Tuple[torch.nn.Module, argparse.Namespace]:
+    """Build the real CogVLMModel at tiny size (fp32, CPU) and save it as a full-precision SAT checkpoint."""
+    from sat.model.base_model import get_model
+    from sat.training.model_io import save_checkpoint
+
+    args = tiny_args(cogvlm_dir, **overrides)
+    model = get_model(args, import_cogvlm(cogvlm_dir).CogVLMModel).eval()
+    init_skipped_weights(model, seed)
+    args.save = out_dir
+    save_checkpoint(1, model, None, None, args)
+    return model, args
+
+
+def make_tokenizer(out_dir: str, vocab_size: int = 600, seed: int = 0) -> str:
+    """Train a small SentencePiece BPE model (ids: unk 0, bos 1, eos 2 as LLaMA; pad 3) into a LlamaTokenizer folder."""
+    import sentencepiece as spm
+    rng = random.Random(seed)
+    sentences = [" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(400)]
+    sentences += ["[INST] [/INST] Question: Answer: Short answer: CAPTCHA:"] * 8  # CogVLM's prompt markers
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                                   hard_vocab_limit=False, byte_fallback=True, minloglevel=2)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        # an in-vocabulary pad token: CogVLM's llama2_tokenizer would set id 32000, outside this small vocabulary
+        json.dump({"pad_token": "<pad>", "tokenizer_class": "LlamaTokenizer"}, f)
+    return out_dir
+
+
+def make_image(path: str, size: int = 224, seed: int = 0) -> str:
+    """A picture with a few coloured shapes, written as PNG/JPEG by its extension."""
+    from PIL import Image, ImageDraw
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
+        box = (x0, y0, x0 + rng.randrange(20, size // 2), y0 + rng.randrange(20, size // 2))
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+    return path
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m sat_quant.testing.cogvlm_assets OUT [--cogvlm DIR]``: write OUT/fp (checkpoint),
+    OUT/tokenizer and OUT/image.png for the examples."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--cogvlm", default=None, help="CogVLM checkout (default: $SAT_QUANT_COGVLM_DIR or ../shared/cogvlm)")
+    ns = parser.parse_args(argv)
+    save_tiny_checkpoint(os.path.join(ns.out, "fp"), ns.cogvlm)
+    make_tokenizer(os.path.join(ns.out, "tokenizer"))
+    make_image(os.path.join(ns.out, "image.png"))
+    print(f"wrote {ns.out}/fp (full-precision SAT checkpoint), {ns.out}/tokenizer, {ns.out}/image.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Reference quantize/dequantize of every format: round-trip error bounds, exact cases, bad shapes."""
+import pytest
+import torch
+
+from sat_quant import QuantConfigError, get_format
+from sat_quant.engine.backends import BACKENDS
+from sat_quant.engine.formats import DEFAULT_FORMAT_FOR_BITS, FORMATS, pack_nibbles, unpack_nibbles
+
+FORMAT_NAMES = sorted(FORMATS)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_nibble_packing_round_trips_and_uses_high_nibble_first():
+    codes = torch.randint(0, 16, (8, 64))
+    packed = pack_nibbles(codes)
+    assert packed.shape == (8, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed).long(), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) * 16 + int(codes[0, 1])
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_layout_matches_quantized_tensors(name):
+    fmt = get_format(name)
+    spec = fmt.spec(96, 256)
+    tensors = fmt.quantize(torch.randn(96, 256), spec)
+    layout = fmt.layout(spec)
+    assert set(tensors) == set(layout)
+    for key, (shape, dtype) in layout.items():
+        assert tuple(tensors[key].shape) == shape and tensors[key].dtype == dtype, key
+    assert fmt.nbytes(spec) == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# Worst-case error per element, relative to the largest |w| in its group/row: half a quantization step.
+# int8: step = absmax/127; int4: step = range/15 ≤ 2*absmax/15; nf4: largest gap of the table ≈ 0.30;
+# fp4: largest gap 1/3 (between 2/3 and 1).
+# int4c searches its range and may clip up to 24% of it (int4_search.DEFAULT_SHRINKS) when that lowers the
+# group's total error: its bound is the clipped part of the range (up to 2 * absmax) plus half a step.
+MAX_REL_ERROR = {"int8": 0.5 / 127 + 1e-6, "int4": 1.0 / 15 + 2e-3, "nf4": 0.31 / 2 + 1e-3, "fp4": 0.34 / 2 + 1e-3,
+                 "int4c": 0.24 * 2 + 1.0 / 15 + 2e-3}
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_round_trip_error_is_at_most_half_a_step(name):
+    fmt = get_format(name)
+    w = torch.randn(64, 512) * torch.logspace(-3, 1, 64)[:, None]  # rows with very different magnitudes
+    spec = fmt.spec(64, 512)
+    back = fmt.dequantize(fmt.quantize(w, spec), spec)
+    group = spec.group_size or 512
+    absmax = w.abs().reshape(64, -1, group).amax(-1, keepdim=True)
+    rel = ((back - w).abs().reshape(64, -1, group) / absmax).max().item()
+    assert rel <= MAX_REL_ERROR[name], rel
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_adversarial_weights(name):
+    fmt = get_format(name)
+    spec = fmt.spec(32, 256)
+    w = torch.randn(32, 256) * 0.02
+    w[0] = 0.0                       # zero row
+    w[1, 7] = 50.0                   # one huge outlier
+    w[2] = 3.0                       # constant row
+    w[3] = -1e-4                     # tiny constant negative row
+    back = fmt.dequantize(fmt.quantize(w, spec), spec)
+    assert torch.isfinite(back).all()
+    assert torch.equal(back[0], torch.zeros(256)), "a zero row must stay exactly zero"
+    assert abs(back[1, 7].item() - 50.0) / 50.0 < 0.01, "the outlier itself is kept"
+    assert torch.allclose(back[2], w[2], rtol=1e-3), "a constant row is reproduced"
+    assert torch.allclose(back[3], w[3], rtol=2e-3, atol=1e-7)
+
+
+def test_4bit_codes_match_bitsandbytes():
+    import bitsandbytes.functional as bnbf
+    w = torch.randn(64, 256)
+    for name in ("nf4", "fp4"):
+        fmt = get_format(name)
+        spec = fmt.spec(64, 256)
+        ours = fmt.quantize(w, spec)
+        packed, state = bnbf.quantize_4bit(w, blocksize=spec.group_size, quant_type=name)
+        assert torch.equal(ours["qweight"].reshape(-1), packed.reshape(-1))
+        assert torch.equal(ours["absmax"].reshape(-1), state.absmax)
+        assert torch.equal(fmt.dequantize(ours, spec), bnbf.dequantize_4bit(packed, state))
+
+
+def test_bits_per_param():
+    assert get_format("int4").bits_per_param(get_format("int4").spec(4096, 4096)) == pytest.approx(4 + 24 / 128)
+    assert get_format("nf4").bits_per_param(get_format("nf4").spec(4096, 4096)) == pytest.approx(4.5)
+    assert get_format("int8").bits_per_param(get_format("int8").spec(4096, 4096)) == pytest.approx(8 + 32 / 4096)
+    # int4c: 4-bit codes, an 8-bit scale and a 4-bit zero per group of 64, an fp16 scale per row
+    assert get_format("int4c").bits_per_param(get_format("int4c").spec(4096, 4096)) == pytest.approx(
+        4 + 12 / 64 + 16 / 4096)
+    assert get_format("int4c").bits_per_param(get_format("int4c").spec(4096, 4096)) <= 4.3
+
+
+@pytest.mark.parametrize("name", ["int4", "int4c", "nf4", "fp4"])
+def test_group_that_does_not_divide_in_features_is_a_clear_error(name):
+    with pytest.raises(QuantConfigError, match=r"not divisible by group size 128.*--quant-group-size 32"):
+        get_format(name).spec(64, 96, group_size=128, where="mlp.fc")
+
+
+def test_unknown_format_lists_the_known_ones():
+    with pytest.raises(QuantConfigError, match="int4.*int8.*nf4"):
+        get_format("int3")
+
+
+# -- better int4 values: search and GPTQ (sat_quant.engine.formats.int4_search) ----------------------------------
+
+def _group_errors(fmt, spec, w, tensors, weight=None):
+    err = (fmt.dequantize(tensors, spec) - w) ** 2
+    if weight is not None:
+        err = err * weight
+    return err.reshape(w.shape[0], -1, spec.group_size).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["int4", "int4c"])
+def test_search_never_loses_to_round_to_nearest_in_any_group(name):
+    # the search scores the round-to-nearest range among its candidates and keeps a refit only if it is
+    # better, so no group may get worse; heavy-tailed weights (Student-t) give clipping something to win
+    fmt = get_format(name)
+    spec = fmt.spec(128, 512, 64)
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((128, 512)) * 0.02
+    rtn = _group_errors(fmt, spec, w, fmt.quantize(w, spec, search=False))
+    searched = _group_errors(fmt, spec, w, fmt.quantize(w, spec, search=True))
+    assert (searched <= rtn * (1 + 1e-5) + 1e-12).all()
+    assert searched.sum() < 0.97 * rtn.sum()  # measured 0.95 (both formats): clipping tails pays on heavy tails
+
+
+def test_int4c_layout_details():
+    fmt = get_format("int4c")
+    spec = fmt.spec(8, 192, 64)  # 3 groups: an odd count, the zero-points are padded to whole bytes
+    w = torch.randn(8, 192)
+    t = fmt.quantize(w, spec)
+    assert t["zero"].shape == (8, 2) and int((t["zero"][:, 1] & 15).max()) == 0
+    from sat_quant.engine.formats.int4c import group_scales, group_zeros
+    scales, zeros = group_scales(t), group_zeros(t, 3)
+    # the row's largest group scale is code 255, i.e. row_scale itself, and dequantize is (q - zero) * scale
+    assert int(t["scale"].max(dim=1).values.min()) >= 200
+    q = unpack_nibbles(t["qweight"]).float().reshape(8, 3, 64)
+    expected = ((q - zeros.float()[..., None]) * scales[..., None]).reshape(8, 192)
+    assert torch.equal(fmt.dequantize(t, spec), expected)
+
+
+def _calibration(k: int, n_tokens: int = 2048):
+    """Inputs with a few outlier channels, like a transformer's LayerNorm outputs."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n_tokens, k, generator=gen)
+    x[:, :4] *= 20.0
+    return x
+
+
+@pytest.mark.parametrize("name", ["int4", "int4c"])
+def test_gptq_lowers_the_layer_output_error(name):
+    fmt = get_format(name)
+    spec = fmt.spec(64, 256, 64)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    x = _calibration(256)
+    hessian = x.T @ x / x.shape[0]
+    test_x = _calibration(256, 512) + 0.1 * torch.randn(512, 256)
+
+    def output_error(tensors):
+        return ((test_x @ (fmt.dequantize(tensors, spec) - w).T) ** 2).mean().item()
+
+    rtn = output_error(fmt.quantize(w, spec, search=False))
+    gptq = output_error(fmt.quantize(w, spec, hessian=hessian))
+    assert gptq < 0.6 * rtn  # measured ~0.3-0.4 on these inputs: error feedback moves error off hot channels
+    t = fmt.quantize(w, spec, hessian=hessian)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in t.items()} == fmt.layout(spec)
+
+
+def test_gptq_with_identity_hessian_equals_rounding_to_nearest_on_its_grid():
+    # with H = I no column's error can be pushed anywhere useful: GPTQ must pick the nearest code everywhere
+    from sat_quant.engine.formats.int4_search import _codes, gptq_codes
+    w = torch.randn(16, 128) * 0.02
+    scale = (w.abs().reshape(16, 2, 64).amax(-1) / 7.5).clamp(min=1e-8)
+    zero = torch.full((16, 2), 8.0)
+    codes = gptq_codes(w, torch.eye(128), 64, scale, zero, damp=0.0)
+    assert torch.equal(codes, _codes(w.reshape(16, 2, 64), scale, zero).to(torch.uint8).reshape(16, 128))
+
+
+@pytest.mark.parametrize("fmt_name", sorted(FORMATS))
+def test_declared_abilities_match_what_the_format_does(fmt_name):
+    """What a format declares on its class (read by backends, calibration, model-parallel splitting and inspect)
+    is what its layout and arithmetic actually do."""
+    fmt = FORMATS[fmt_name]
+    spec = fmt.spec(64, 256, None)
+    layout = fmt.layout(spec)
+    assert fmt.tensor_names == tuple(layout)
+    for name in fmt.per_row_tensors:
+        assert layout[name][0] == (spec.out_features,)
+    assert fmt.backend_order[-1] == "reference" and set(fmt.backend_order) <= set(BACKENDS)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    tensors = fmt.quantize(w, spec)
+    if fmt.kernel_layout == "int4_affine":  # what torch's int4 kernels are handed
+        scale, zero = fmt.affine_groups(tensors, spec)
+        codes = unpack_nibbles(tensors["qweight"]).float().reshape(64, spec.num_groups, -1)
+        rebuilt = ((codes - zero[..., None]) * scale[..., None]).reshape(64, 256)
+        torch.testing.assert_close(rebuilt, fmt.dequantize(tensors, spec))
+    if fmt.calibratable:  # GPTQ against an identity Hessian stays in the same layout
+        calibrated = fmt.quantize(w, spec, hessian=torch.eye(256))
+        assert {k: (tuple(v.shape), v.dtype) for k, v in calibrated.items()} == dict(layout)
+    if fmt.shares_row_stats:  # the whole row's statistic, given, is what the per-row tensors store
+        doubled = fmt.quantize(w, spec, row_absmax=2 * w.abs().amax(dim=1))
+        torch.testing.assert_close(doubled[fmt.per_row_tensors[0]], 2 * tensors[fmt.per_row_tensors[0]])
+    assert DEFAULT_FORMAT_FOR_BITS[fmt.bits] != fmt_name or fmt.default_for_bits
+
+
+@pytest.mark.parametrize("fmt_name", ["nf4", "fp4"])
+def test_table_formats_quantize_in_row_chunks_with_identical_codes(fmt_name, monkeypatch):
+    """nf4/fp4 quantize a few rows at a time (bounded temporaries); chunking must not change a single code."""
+    import sat_quant.engine.formats.float4 as float4
+    fmt = get_format(fmt_name)
+    spec = fmt.spec(300, 256)
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(3))
+    whole = fmt.quantize(w, spec)
+    monkeypatch.setattr(float4, "_CHUNK_ELEMENTS", 7 * 256)  # 7 rows per step, a ragged last chunk
+    chunked = fmt.quantize(w, spec)
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
