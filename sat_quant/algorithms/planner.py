@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..engine.config import FULL_PRECISION, QuantConfig, parse_plan_value
-from ..engine.formats import LayerSpec, get_format
+from ..engine.formats import FORMATS, LayerSpec, get_format
 from ..engine.replace import plan_layers, quantize_
 from ..errors import QuantConfigError
 from .calibration import DEFAULT_MAX_HESSIAN_BYTES, iter_hessians, quantize_calibrated_
@@ -89,7 +89,11 @@ def parse_candidates(candidates: Sequence[str]) -> List[str]:
         if value == FULL_PRECISION:
             out.append(value)
             continue
-        name, group = parse_plan_value(value, None)
+        try:
+            name, group = parse_plan_value(value, None)
+        except QuantConfigError:
+            raise QuantConfigError(f"--candidates {value}: not a format; give 'fmt' or 'fmt:group' with fmt one of "
+                                   f"{', '.join(sorted(FORMATS))}, or 'fp'.") from None
         group = get_format(name).resolve_group_size(group)
         out.append(f"{name}:{group}" if group else name)
     if not out:

@@ -40,6 +40,13 @@ def read_latest(load_dir: str) -> int:
     try:
         with open(path) as f:
             text = f.read().strip()
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder; 'latest' must be a file holding the iteration number (e.g. 1) "
+                              f"of the checkpoint to load.") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} does not hold text; write the iteration number (e.g. 1) into it.") from None
+    except NotADirectoryError:
+        raise CheckpointError(f"{load_dir} is a file, not a SAT checkpoint folder.") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist: {load_dir} is not a SAT checkpoint directory "
                               f"(expected 'latest', 'model_config.json' and an iteration folder).") from None
@@ -56,12 +63,33 @@ def read_model_config(load_dir: str) -> Dict[str, Any]:
     path = os.path.join(load_dir, "model_config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
     except FileNotFoundError:
+        if os.path.lexists(load_dir) and not os.path.isdir(load_dir):
+            raise CheckpointError(f"{load_dir} is a file, not a SAT checkpoint folder; pass the folder that holds "
+                                  f"'latest' and model_config.json.") from None
         raise CheckpointError(f"{path} does not exist; a SAT checkpoint needs it (SAT's save_checkpoint writes "
                               f"it).") from None
-    except json.JSONDecodeError as exc:
+    except NotADirectoryError:
+        raise CheckpointError(f"{load_dir} is a file, not a SAT checkpoint folder; pass the folder that holds "
+                              f"'latest' and model_config.json.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}).") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror}); fix its permissions or restore it.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of model arguments; "
+                              f"restore it from the checkpoint's manifest or re-save.")
+    return config
+
+
+def saved_model_parallel_size(model_config: Dict[str, Any], where: str) -> int:
+    """``model_parallel_size`` of a checkpoint's config (1 when absent), refusing what is not a positive integer."""
+    value = model_config.get("model_parallel_size", 1) or 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{where}: model_parallel_size is {value!r}, not a positive integer; fix it (the number "
+                              f"of mp_rank_XX files of each iteration).")
+    return value
 
 
 def checkpoint_tensor_path(load_dir: str, iteration: int, rank: int) -> str:
@@ -76,5 +104,5 @@ def checkpoint_tensor_path(load_dir: str, iteration: int, rank: int) -> str:
     return pt
 
 
-__all__ = ["state_file", "model_parallel_rank", "barrier", "read_latest", "read_model_config",
+__all__ = ["state_file", "model_parallel_rank", "barrier", "read_latest", "read_model_config", "saved_model_parallel_size",
            "checkpoint_tensor_path"]

@@ -6,7 +6,8 @@ returned to the caller (the sat layer drops the model).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import re
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from .manifest import STUB_KEY
 from .save import saved_tensors
 from .tensorfile import TensorSource
 
+_MAIN_LAYER = re.compile(r"transformer\.layers\.(\d+)\.")  # the main transformer's blocks, not a tower's
+
 
 def expected_layout(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """Name → (shape, dtype) of every tensor a checkpoint of this model must hold."""
@@ -28,6 +31,27 @@ def expected_layout(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.
         if isinstance(module, QuantLinear):
             out.update({pre + n: (tuple(shape), dtype) for n, (shape, dtype) in module.fmt.layout(module.spec).items()})
     return out
+
+
+def check_sizes_against_table(model_config: Dict[str, Any], table: Dict[str, Any], where: str) -> None:
+    """Before building: the config's layer count and hidden size agree with the checkpoint's tensor table.
+
+    Cheap (names and shapes only), so a hand-edited ``num_layers`` or ``hidden_size`` is refused in milliseconds
+    instead of building a model of that size first; everything else is checked by ``check_fits`` after the build.
+    """
+    problems = []
+    layers = {int(m.group(1)) for name in table for m in [_MAIN_LAYER.match(name)] if m}
+    num_layers = model_config.get("num_layers")
+    if layers and isinstance(num_layers, int) and num_layers != max(layers) + 1:
+        problems.append(f"num_layers is {num_layers}, but the tensors hold layers 0..{max(layers)}")
+    hidden = model_config.get("hidden_size")
+    embedding = table.get("transformer.word_embeddings.weight")
+    shape = embedding.get("shape") if isinstance(embedding, dict) else None
+    if isinstance(hidden, int) and isinstance(shape, list) and shape and shape[-1] != hidden:
+        problems.append(f"hidden_size is {hidden}, but transformer.word_embeddings.weight is {shape}")
+    if problems:
+        raise CheckpointError(f"{where} does not match the checkpoint's tensors: {'; '.join(problems)}. Restore the "
+                              f"original values (the manifest of each iteration keeps a copy of its model config).")
 
 
 def load_into(model: nn.Module, source: TensorSource, *, strict: bool = True) -> None:
@@ -67,10 +91,10 @@ def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -
         fp_name = (prefix + "." if prefix else "") + "weight"
         if layer is not None and local in layer.fmt.layout(layer.spec) and fp_name in have:
             consumed.add(fp_name)
-            got_shape = have[fp_name][0]
-            if got_shape != (layer.out_features, layer.in_features):
-                problems.append(f"{fp_name}: checkpoint has {list(got_shape)}, model needs "
-                                f"{[layer.out_features, layer.in_features]}")
+            got_shape, got_dtype = have[fp_name]
+            if got_shape != (layer.out_features, layer.in_features) or not got_dtype.is_floating_point:
+                problems.append(f"{fp_name}: checkpoint has {list(got_shape)} {got_dtype}, model needs a floating-point "
+                                f"{[layer.out_features, layer.in_features]} weight")
             continue
         problems.append(f"{name}: missing from the checkpoint")
     unexpected = sorted(set(have) - consumed)
@@ -101,4 +125,4 @@ def fill(model: nn.Module, source: TensorSource) -> None:
     release_freed_memory()
 
 
-__all__ = ["expected_layout", "load_into", "check_fits", "fill"]
+__all__ = ["expected_layout", "check_sizes_against_table", "load_into", "check_fits", "fill"]

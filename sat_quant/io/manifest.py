@@ -20,8 +20,8 @@ from ..engine.layers import QuantLinear
 from ..engine.lora import LoraQuantLinear
 from ..errors import CheckpointError, QuantConfigError
 from .commit import write_json_atomic
-from .layout import state_file
-from .tensorfile import sha256_file, write_tensor_file
+from .layout import checkpoint_tensor_path, state_file
+from .tensorfile import TensorSource, sha256_file, write_tensor_file
 
 FORMAT_VERSION = 1
 STUB_KEY = "SAT_QUANT_CHECKPOINT__load_it_with_sat_quant.from_pretrained"
@@ -121,11 +121,38 @@ def read_manifest(load_dir: str, iteration: int, rank: int) -> Optional[Dict[str
             manifest = json.load(f)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is corrupted ({exc}); restore it or re-save the checkpoint.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}); fix its permissions "
+                              f"or restore it.") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {version!r} is not supported by this sat_quant (it reads "
                               f"version {FORMAT_VERSION}); upgrade sat_quant or re-convert the checkpoint.")
+    for key, kind in (("bytes", int), ("sha256", str), ("tensors", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"{path}: the field '{key}' is missing or not a {kind.__name__}: the manifest was "
+                                  f"edited or damaged; restore it, or re-save / re-convert the checkpoint.")
+    block = manifest.get("quantization")
+    if block is not None and not isinstance(block, dict):
+        raise CheckpointError(f"{path}: 'quantization' must be a JSON object; restore the manifest or re-convert.")
     return manifest
+
+
+def open_rank_source(load_dir: str, iteration: int, rank: int, *, checksum: bool = True) -> TensorSource:
+    """This rank's tensor file, verified against its manifest (size always, sha256 when ``checksum``).
+
+    A sat_quant tensor file (safetensors) without its manifest is refused: nothing else says whether its bytes are
+    the ones written. SAT's own ``.pt`` files have no manifest and are read as they are (weights only).
+    """
+    tensor_path = checkpoint_tensor_path(load_dir, iteration, rank)
+    manifest = read_manifest(load_dir, iteration, rank)
+    if manifest is None and tensor_path.endswith(".safetensors"):
+        raise CheckpointError(f"{state_file(load_dir, iteration, rank, '.manifest.json')} is missing: without it "
+                              f"{tensor_path} cannot be verified, so it is not loaded. Restore the file, or re-create "
+                              f"the checkpoint (`sat-quant convert` from the full-precision one, or save again).")
+    if manifest is not None:
+        verify_tensor_file(tensor_path, manifest, checksum=checksum)
+    return TensorSource(tensor_path)
 
 
 def verify_tensor_file(path: str, manifest: Dict[str, Any], checksum: bool = True) -> None:
@@ -142,4 +169,5 @@ def verify_tensor_file(path: str, manifest: Dict[str, Any], checksum: bool = Tru
 
 
 __all__ = ["FORMAT_VERSION", "STUB_KEY", "find_quant_config", "quantization_block", "config_from_block",
-           "describe_block", "write_stub", "tensor_table", "write_rank_files", "read_manifest", "verify_tensor_file"]
+           "describe_block", "write_stub", "tensor_table", "write_rank_files", "read_manifest", "verify_tensor_file",
+           "open_rank_source"]

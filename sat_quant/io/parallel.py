@@ -17,8 +17,8 @@ from torch import nn
 from ..engine.layers import QuantColumnParallelLinear, QuantRowParallelLinear
 from ..engine.lora import LoraQuantLinear
 from ..errors import CheckpointError
-from .layout import checkpoint_tensor_path, model_parallel_rank
-from .manifest import read_manifest, verify_tensor_file
+from .layout import model_parallel_rank
+from .manifest import open_rank_source
 from .tensorfile import TensorSource
 
 Stride = Union[int, Sequence[int]]
@@ -160,11 +160,7 @@ def open_checkpoint_source(path: str, iteration: int, saved_mp: int, model: nn.M
     rank, world = model_parallel_rank()
 
     def open_rank(r: int) -> TensorSource:
-        tensor_path = checkpoint_tensor_path(path, iteration, r)
-        manifest = read_manifest(path, iteration, r)
-        if manifest is not None:
-            verify_tensor_file(tensor_path, manifest, checksum=verify)
-        return TensorSource(tensor_path)
+        return open_rank_source(path, iteration, r, checksum=verify)
 
     if saved_mp == world:
         return open_rank(rank)

@@ -53,17 +53,6 @@ def iter_module_tensors(model: nn.Module) -> Iterator[Tuple[nn.Module, str, Dict
             yield module, (prefix + "." if prefix else ""), local
 
 
-def expected_layout(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-    """Name → (shape, dtype) of every tensor a checkpoint of this model must hold."""
-    out: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
-    for prefix, module in model.named_modules():
-        pre = prefix + "." if prefix else ""
-        out.update({pre + n: (tuple(t.shape), t.dtype) for n, t in saved_tensors(module)})
-        if isinstance(module, QuantLinear):
-            out.update({pre + n: (tuple(shape), dtype) for n, (shape, dtype) in module.fmt.layout(module.spec).items()})
-    return out
-
-
 def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *, iteration: int = 1,
                overwrite: bool = False) -> str:
     """Save ``model`` (quantized or not) under ``save_dir`` in SAT's layout; returns the iteration directory.
@@ -124,11 +113,13 @@ def _save_failed(exc: BaseException, final_dir: str, save_dir: str, committed: b
         return CheckpointError(f"saving to {final_dir} failed: {why}. Nothing was replaced: the previous "
                                f"checkpoint in {save_dir} (if any) is still the one 'latest' names; free "
                                f"space (or fix the cause) and save again.")
+    if not os.path.exists(os.path.join(save_dir, "latest")):
+        return CheckpointError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
+                               f"{save_dir} holds no complete checkpoint yet (no 'latest'); free space (or fix the "
+                               f"cause) and save again.")
     return CheckpointError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
                            f"{save_dir}/latest names a complete checkpoint (the previous iteration, or this one "
                            f"when it was overwritten); free space (or fix the cause) and save again.")
-
-
 
 
 def write_folder_config(folder: str, model_config: Dict[str, Any], iteration: int) -> None:

@@ -61,7 +61,7 @@ class TensorSource:
             self._shapes = {}
             for k in self._handle.keys():
                 sl = self._handle.get_slice(k)
-                self._shapes[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+                self._shapes[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, k))
         else:
             self._state = torch_load_safely(path)
             self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()
@@ -100,11 +100,17 @@ class TensorSource:
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _st_dtype(name: str) -> torch.dtype:
-    return _ST_DTYPES.get(name, torch.uint8)
+def _st_dtype(name: str, path: str, tensor: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; an unknown one is refused (never read as bytes)."""
+    try:
+        return _ST_DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"{path}: tensor {tensor} has dtype {name}, which sat_quant does not read; the file "
+                              f"was not written by sat_quant or SAT (re-save or re-convert the checkpoint).") from None
 
 
 def _numpy_rng_globals() -> list:

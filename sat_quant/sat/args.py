@@ -16,7 +16,7 @@ import torch
 
 from ..algorithms.planner import parse_budget
 from ..engine.backends import BACKEND_CHOICES, get_backend
-from ..engine.config import QuantConfig, load_plan_file
+from ..engine.config import FULL_PRECISION, QuantConfig, load_plan_file, parse_plan_value
 from ..engine.formats import format_names, get_format
 from ..errors import QuantConfigError
 from ..io.manifest import config_from_block
@@ -98,7 +98,11 @@ def config_from_args(args: argparse.Namespace) -> Optional[QuantConfig]:
     """The QuantConfig the flags describe, or None when no quantization was asked for."""
     block = getattr(args, "quantization", None)
     if isinstance(block, dict) and block:  # restored from a quantized checkpoint's model_config.json
-        return config_from_block(block)
+        config = config_from_block(block)
+        backend = getattr(args, "quant_backend", None)
+        if backend and backend != "auto":  # kernels are chosen at load; the layers are the block's
+            config.backend = backend
+        return config
     bits = getattr(args, "quant", None)
     fmt = getattr(args, "quant_format", None)
     if bits is None and fmt is None:
@@ -151,10 +155,11 @@ def _check_backend_on_device(config: QuantConfig, device: torch.device) -> None:
     if config.backend == "auto":
         return
     backend = get_backend(config.backend)
-    formats = {config.format} | {v for v in config.plan.values() if v != "fp"}
+    # plan values may carry a group size ("int4:128"); the probe shape suits every kernel: only format/device matter
+    formats = {config.format} | {parse_plan_value(v, None)[0] for v in config.plan.values() if v != FULL_PRECISION}
     for name in sorted(formats):
         fmt = get_format(name)
-        probe = fmt.spec(256, 1024, config.group_size)  # a shape every kernel accepts: only format/device matter
+        probe = fmt.spec(256, 1024, None)
         reason = backend.unsupported_reason(fmt, probe, device)
         if reason:
             raise QuantConfigError(f"--quant-backend {config.backend} cannot run --quant-format {name} on "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from sat.arguments import overwrite_args_by_dict, update_args_with_file
 from sat.model.base_model import get_model as sat_get_model
@@ -21,8 +21,8 @@ from torch import nn
 
 from ..engine.config import QuantConfig
 from ..errors import CheckpointError, QuantConfigError
-from ..io.layout import model_parallel_rank, read_latest, read_model_config, state_file
-from ..io.load import check_fits, fill
+from ..io.layout import model_parallel_rank, read_latest, read_model_config, saved_model_parallel_size, state_file
+from ..io.load import check_fits, check_sizes_against_table, fill
 from ..io.manifest import config_from_block, describe_block, read_manifest
 from ..io.parallel import agree_across_ranks, open_checkpoint_source, power_of_two
 from .args import config_from_args, fill_script_defaults, validate_quant_args
@@ -54,8 +54,29 @@ def args_from_checkpoint(src: str, cls) -> argparse.Namespace:
     return args
 
 
-def _check_contradiction(user: Optional[QuantConfig], block: Dict[str, Any], path: str) -> None:
-    """Passing --quant flags that disagree with what a quantized checkpoint holds is an error."""
+def _layer_choice_flags(args: Optional[argparse.Namespace]) -> List[str]:
+    """The flags that choose which layers get quantized, as the user passed them (not as a checkpoint recorded them)."""
+    if args is None or getattr(args, "quantization", None):  # args read back from a checkpoint record its choices
+        return []
+    asked = []
+    if getattr(args, "quant_skip", None):
+        asked.append("--quant-skip " + " ".join(args.quant_skip))
+    if getattr(args, "quant_lm_head", False):
+        asked.append("--quant-lm-head")
+    if getattr(args, "quant_plan", None):
+        asked.append(f"--quant-plan {args.quant_plan}")
+    return asked
+
+
+def _check_contradiction(user: Optional[QuantConfig], block: Dict[str, Any], path: str,
+                         args: Optional[argparse.Namespace] = None) -> None:
+    """Passing --quant flags that disagree with what a quantized checkpoint holds is an error; so are the flags that
+    choose layers (its layers are fixed). ``--quant-backend`` is honoured (it only picks kernels)."""
+    layer_flags = _layer_choice_flags(args)
+    if layer_flags:
+        raise QuantConfigError(f"{path} is already quantized ({describe_block(block)}): its quantized layers are fixed, "
+                               f"so {', '.join(layer_flags)} cannot apply. Drop it to load the checkpoint as saved, or "
+                               f"convert the full-precision checkpoint again with it.")
     if user is None:
         return
     saved_cfg = block["config"]
@@ -121,7 +142,10 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
         config_from_block(block, where=block_file)  # an unreadable block is named by its file, first
     user_config = config_from_args(args) if args is not None else None
     if block:
-        _check_contradiction(user_config, block, path)
+        _check_contradiction(user_config, block, path, args)
+    if manifest is not None:  # before anything is built: a hand-edited size must not build a huge model first
+        check_sizes_against_table(model_config, manifest["tensors"], block_file)
+    asked_backend = getattr(args, "quant_backend", None) if args is not None else None
 
     base_args = copy.copy(args) if args is not None else None
     cls = model_class_for(model_cls, model_config, path)
@@ -133,13 +157,15 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
     fill_script_defaults(new_args)
 
     new_args.quantization = block or None  # the manifest's block is authoritative for this iteration
+    if block and asked_backend and asked_backend != "auto" and not getattr(args, "quantization", None):
+        new_args.quant_backend = asked_backend  # kernels are a load-time choice: honoured for a quantized checkpoint
     config = validate_quant_args(new_args)
     if config is None:
         model = sat_get_model(new_args, cls, **kwargs)
         load_checkpoint(model, new_args, load_path=path)
         return model, new_args
 
-    saved_mp = int(model_config.get("model_parallel_size", 1) or 1)
+    saved_mp = saved_model_parallel_size(model_config, block_file)
     _check_model_parallel_sizes(path, saved_mp, new_args)  # before SAT builds (it asserts on odd head counts)
     # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
     model = build_quantized(new_args, cls, config, **kwargs)

@@ -6,12 +6,14 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from sat.arguments import update_args_with_file
 
 from ..engine.config import QuantConfig
 from ..errors import QuantConfigError, QuantError
+from ..io.commit import overlap, write_text_atomic
+from ..oom import QuantOutOfMemoryError, is_out_of_memory
 from ..sat.args import add_quant_args, fill_script_defaults, validate_quant_args
 from ..sat.loading import model_class_for
 from .convert import convert
@@ -46,10 +48,24 @@ def _convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plan_output(out: str, src: str) -> None:
+    """Where ``plan -o`` will write, checked before the (long) planning starts."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise QuantConfigError(f"-o {out} is a folder; name the plan file to write, e.g. -o {os.path.join(out, 'plan.json')}.")
+    if not os.path.isdir(parent):
+        raise QuantConfigError(f"-o {out}: the folder {parent} does not exist; create it first or write elsewhere.")
+    if not os.access(parent, os.W_OK):
+        raise QuantConfigError(f"-o {out}: the folder {parent} is not writable; choose a folder you can write to.")
+    if overlap(src, out):
+        raise QuantConfigError(f"-o {out} lies inside the source checkpoint {src}; write the plan outside it.")
+
+
 def _plan(ns: argparse.Namespace) -> int:
+    _check_plan_output(ns.out, ns.src)
     config = QuantConfig(bits=4, skip=tuple(ns.quant_skip or ()), quantize_lm_head=ns.quant_lm_head)
     plan = plan_checkpoint(ns.src, ns.quant_budget, candidates=ns.candidates, config=config, imports=ns.imports)
-    plan.save(ns.out)
+    write_text_atomic(ns.out, plan.to_json() + "\n")
     print(plan.summary())
     print(f"wrote {ns.out}: pass it as --quant-plan {ns.out} (sat-quant convert, from_pretrained, any SAT script)")
     return 0
@@ -167,14 +183,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what a failure says, and the exit status: 2 for bad input (a flag, a file, a folder), 1 for the environment
+BAD_INPUT, ENVIRONMENT = 2, 1
+
+
+def describe_failure(exc: BaseException) -> Tuple[int, str]:
+    """(exit status, one line for a person) for any exception a subcommand raised."""
+    if isinstance(exc, QuantError):
+        status = ENVIRONMENT if isinstance(exc, QuantOutOfMemoryError) else BAD_INPUT
+        return status, " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if is_out_of_memory(exc):
+        return ENVIRONMENT, ("ran out of memory; free memory, use a machine with more, or quantize more layers "
+                             "(`sat-quant estimate` prices each choice)")
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        why = exc.strerror or str(exc)
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+            return BAD_INPUT, f"{where}{why}; check the path"
+        return ENVIRONMENT, f"{where}{why}; fix the cause (permissions, free space) and run it again"
+    return ENVIRONMENT, (f"unexpected {type(exc).__name__}: {exc} (rerun with SAT_QUANT_DEBUG=1 for the traceback, "
+                         f"and please report it)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one subcommand; a failure is one line on stderr (``SAT_QUANT_DEBUG=1`` re-raises it with its traceback)."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except QuantError as exc:
-        print(f"sat-quant: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # every failure becomes one line; the debug switch gives the traceback
+        if os.environ.get("SAT_QUANT_DEBUG") == "1":
+            raise
+        status, message = describe_failure(exc)
+        print(f"sat-quant {ns.command}: error: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

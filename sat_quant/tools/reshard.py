@@ -11,11 +11,10 @@ import torch
 from ..engine.formats import LayerSpec, get_format
 from ..errors import CheckpointError
 from ..io.commit import check_destination, staged_folder
-from ..io.layout import checkpoint_tensor_path, read_latest, read_model_config
-from ..io.manifest import config_from_block, read_manifest, verify_tensor_file, write_rank_files
+from ..io.layout import read_latest, read_model_config, saved_model_parallel_size
+from ..io.manifest import config_from_block, open_rank_source, read_manifest, write_rank_files
 from ..io.parallel import ReshardedSource, lora_kinds, packed_kinds, power_of_two, tensor_kinds
 from ..io.save import write_folder_config
-from ..io.tensorfile import TensorSource
 from ..sat.build import build_on_meta
 from ..sat.loading import args_from_checkpoint, model_class_for
 from .sources import import_modules
@@ -33,7 +32,7 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
     iteration = read_latest(src)
     manifest0 = read_manifest(src, iteration, 0) or {}
     block = manifest0.get("quantization") or model_config.get("quantization")
-    saved = int(model_config.get("model_parallel_size", 1) or 1)
+    saved = saved_model_parallel_size(model_config, f"{src}/model_config.json")
     if not (power_of_two(saved) and power_of_two(model_parallel_size)):
         raise CheckpointError(f"cannot reshard {src} from model-parallel size {saved} to {model_parallel_size}: "
                               f"both must be powers of two.")
@@ -50,13 +49,7 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
     if model_config.get("quant_lora"):  # a QLoRA checkpoint: the base sits under '.base', plus the adapters
         kinds.update(lora_kinds(kinds, (block or {}).get("layers", {})))
 
-    sources = []
-    for r in range(saved):
-        path = checkpoint_tensor_path(src, iteration, r)
-        manifest = read_manifest(src, iteration, r)
-        if manifest is not None:
-            verify_tensor_file(path, manifest, checksum=True)
-        sources.append(TensorSource(path))
+    sources = [open_rank_source(src, iteration, r) for r in range(saved)]
     new_config = dict(model_config, model_parallel_size=model_parallel_size)
     new_block = None
     if block:

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..io.layout import checkpoint_tensor_path, read_latest, read_model_config
+from ..io.layout import checkpoint_tensor_path, read_latest, read_model_config, saved_model_parallel_size
 from ..io.manifest import describe_block
 from ..io.tensorfile import TensorSource
 from ..sat.loading import args_from_checkpoint, model_class_for
@@ -34,7 +34,7 @@ def full_precision_source_config(src: str, verb: str) -> Dict[str, Any]:
     if model_config.get("quantization"):
         raise CheckpointError(f"{src} is already quantized ({describe_block(model_config['quantization'])}); "
                               f"{verb} the full-precision checkpoint, or `sat-quant dequantize` it first.")
-    if int(model_config.get("model_parallel_size", 1)) != 1:
+    if saved_model_parallel_size(model_config, f"{src}/model_config.json") != 1:
         raise CheckpointError(f"{src} was saved with model_parallel_size={model_config['model_parallel_size']}; "
                               f"{verb} supports model-parallel size 1 sources (merge it first with SAT's "
                               f"from_pretrained(..., overwrite_args={{'model_parallel_size': 1}})).")

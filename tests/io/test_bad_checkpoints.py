@@ -211,3 +211,98 @@ def test_a_refused_load_leaves_the_model_untouched(q4, ckpt):
     with pytest.raises(CheckpointError, match=f"{gone}: missing"):
         load_into(model, TensorSource(tensor_file(ckpt)))
     assert torch.equal(run_logits(model, inputs), ref)
+
+
+# -- strict loading (issue 11) ----------------------------------------------------------------------
+
+def test_a_sat_quant_tensor_file_without_its_manifest_is_refused(ckpt):
+    """No manifest, flipped bytes: nothing could tell the load was wrong, so a missing manifest is refused."""
+    os.remove(manifest_file(ckpt))
+    path = tensor_file(ckpt)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 64)
+        f.write(b"\x55" * 16)
+    with pytest.raises(CheckpointError) as excinfo:
+        sat_quant.from_pretrained(GPT2Model, ckpt)
+    assert_refused(excinfo, manifest_file(ckpt), "is missing", "cannot be verified", "sat-quant convert")
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 200000), ("hidden_size", 512)])
+def test_sizes_edited_in_the_config_are_refused_before_building(ckpt, field, value):
+    import time
+    edit_config_files(ckpt, lambda c: c.update({field: value}))
+    start = time.monotonic()
+    with pytest.raises(CheckpointError) as excinfo:
+        sat_quant.from_pretrained(GPT2Model, ckpt)
+    assert time.monotonic() - start < 5, "refused only after building"
+    assert_refused(excinfo, manifest_file(ckpt), f"{field} is {value}", "Restore the original values")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.float8_e4m3fn])
+def test_a_packed_tensor_rewritten_in_another_dtype_is_refused_before_any_copy(ckpt, dtype):
+    name = "transformer.layers.0.attention.dense.qweight"
+    rewrite_tensors(ckpt, lambda t: {**t, name: torch.zeros(t[name].shape, dtype=dtype)})
+    with pytest.raises(CheckpointError) as excinfo:
+        sat_quant.from_pretrained(GPT2Model, ckpt)
+    assert_refused(excinfo, tensor_file(ckpt), name, str(dtype), "torch.uint8")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m.pop("bytes"), "'bytes' is missing"),
+    (lambda m: m.update(tensors=[]), "'tensors' is missing or not a dict"),
+    (lambda m: m.update(quantization=[1, 2]), "'quantization' must be a JSON object"),
+])
+def test_hand_edited_manifest_fields_are_named(ckpt, edit, needle):
+    manifest = read_json(manifest_file(ckpt))
+    edit(manifest)
+    write_json(manifest_file(ckpt), manifest)
+    with pytest.raises(CheckpointError) as excinfo:
+        sat_quant.from_pretrained(GPT2Model, ckpt)
+    assert_refused(excinfo, manifest_file(ckpt), needle)
+
+
+@pytest.mark.parametrize("case", ["latest-is-a-folder", "latest-binary", "config-is-a-list", "mp-not-a-number",
+                                  "src-is-a-file"])
+def test_broken_layout_files_are_named(ckpt, tmp_path, case):
+    target = ckpt
+    if case == "latest-is-a-folder":
+        os.remove(os.path.join(ckpt, "latest"))
+        os.mkdir(os.path.join(ckpt, "latest"))
+        needle = "is a folder"
+    elif case == "latest-binary":
+        with open(os.path.join(ckpt, "latest"), "wb") as f:
+            f.write(b"\xff\xfe\x00")
+        needle = "latest"
+    elif case == "config-is-a-list":
+        write_json(os.path.join(ckpt, "model_config.json"), [1, 2])
+        needle = "not an object"
+    elif case == "mp-not-a-number":
+        edit_config_files(ckpt, lambda c: c.update(model_parallel_size="two"))
+        needle = "not a positive integer"
+    else:
+        target = str(tmp_path / "file")
+        with open(target, "w") as f:
+            f.write("x")
+        needle = "not a directory"
+    with pytest.raises(CheckpointError) as excinfo:
+        sat_quant.from_pretrained(GPT2Model, target)
+    assert needle in str(excinfo.value)
+
+
+@pytest.mark.parametrize("flags", [dict(quant_skip=["*.dense"]), dict(quant_lm_head=True),
+                                   dict(quant_plan="plan.json")])
+def test_layer_choice_flags_on_a_quantized_checkpoint_are_refused(ckpt, flags):
+    args = sat_args("gpt2", **flags)
+    with pytest.raises(QuantConfigError) as excinfo:
+        sat_quant.from_pretrained(GPT2Model, ckpt, args=args)
+    assert "already quantized" in str(excinfo.value) and "cannot apply" in str(excinfo.value)
+
+
+def test_the_backend_flag_is_honoured_on_a_quantized_checkpoint(q4, ckpt):
+    _, _, inputs, ref = q4
+    model, _ = sat_quant.from_pretrained(GPT2Model, ckpt, args=sat_args("gpt2", quant_backend="reference"))
+    layers = [m for m in model.modules() if isinstance(m, sat_quant.QuantLinear)]
+    assert layers and {m.backend.name for m in layers} == {"reference"}
+    torch.testing.assert_close(run_logits(model.eval(), inputs), ref, rtol=0.05, atol=0.05)
+    default, _ = sat_quant.from_pretrained(GPT2Model, ckpt)
+    assert {m.backend.name for m in default.modules() if isinstance(m, sat_quant.QuantLinear)} == {"torch"}
