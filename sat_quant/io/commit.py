@@ -22,6 +22,7 @@ from typing import Any, Iterator, Tuple
 
 from .._libc import libc
 from ..errors import CheckpointError
+from ..oom import is_out_of_memory
 
 TMP_MARK = ".sat-quant-tmp-"
 
@@ -215,6 +216,8 @@ def staged_folder(dst: str, *, overwrite: bool, src: str = "", verb: str = "writ
         publish_folder(tmp, dst)
     except write_errors() as exc:
         discard(tmp)
+        if is_out_of_memory(exc):
+            raise  # not a write failure: the caller's oom_guidance explains it
         why = "the disk is full" if is_disk_full(exc) else f"{getattr(exc, 'strerror', None) or exc}"
         raise CheckpointError(f"{verb}: writing {dst} failed: {why}. {dst} is unchanged (nothing was replaced); "
                               f"fix the cause (free space, permissions) and run it again.") from exc

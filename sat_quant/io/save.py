@@ -20,6 +20,7 @@ from torch import nn
 
 from ..engine.layers import QuantLinear
 from ..errors import CheckpointError
+from ..oom import is_out_of_memory
 from .commit import (
     commit_iteration,
     fsync_dir,
@@ -92,6 +93,8 @@ def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *,
         fsync_dir(final_dir)
         fsync_dir(save_dir)
     except write_errors() as exc:
+        if is_out_of_memory(exc):
+            raise
         raise _save_failed(exc, final_dir, save_dir, committed) from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # a temporary folder, or the old files an overwrite swapped out

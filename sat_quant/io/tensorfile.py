@@ -12,6 +12,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..errors import CheckpointError
+from ..oom import is_out_of_memory
 
 _REMAP_BYTES = 16 * 2**20
 
@@ -56,6 +57,8 @@ class TensorSource:
             try:
                 self._handle = self._open()
             except Exception as exc:  # safetensors raises its own error types for bad headers
+                if is_out_of_memory(exc):
+                    raise
                 raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
                                       f"it may be truncated or corrupted.") from None
             self._shapes = {}
@@ -139,6 +142,8 @@ def torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
                               f"loads checkpoints with weights_only=True and refuses it. Re-save it from "
                               f"trusted code as a plain state dict. ({detail})") from None
     except (RuntimeError, EOFError, OSError) as exc:
+        if is_out_of_memory(exc):
+            raise  # an allocation failure, not a damaged file: oom_guidance around the step explains it
         raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({exc}); it may be truncated.") from None
     if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
         raise CheckpointError(f"{path} is not a SAT checkpoint (expected a dict with a 'module' state dict).")

@@ -138,16 +138,22 @@ def validate_quant_args(args: argparse.Namespace) -> Optional[QuantConfig]:
                                f"--quant-plan plan.json, or `sat-quant convert SRC DST --quant-budget "
                                f"{args.quant_budget}`, or call sat_quant.quantize_to_budget_(model, "
                                f"'{args.quant_budget}') on a loaded full-precision model.")
+    device = _check_device_available(getattr(args, "device", None))
     config = config_from_args(args)
     if config is None:
         return None
     config.validate()
-    device = target_device(args)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QuantConfigError(f"--device {getattr(args, 'device', None)} asks for CUDA but no CUDA device is available; "
-                               f"run without --device (CPU is used) or on a machine with a GPU.")
     _check_backend_on_device(config, device)
     return config
+
+
+def _check_device_available(device_flag) -> torch.device:
+    """The device ``--device`` names, refused (naming the flag) when it asks for CUDA on a machine without it."""
+    device = target_device(argparse.Namespace(device=device_flag))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QuantConfigError(f"--device {device_flag} asks for CUDA but no CUDA device is available; "
+                               f"run without --device (CPU is used) or on a machine with a GPU.")
+    return device
 
 
 def _check_backend_on_device(config: QuantConfig, device: torch.device) -> None:
@@ -177,9 +183,12 @@ def get_args(args_list=None, parser: Optional[argparse.ArgumentParser] = None) -
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--fp16", action="store_true")
     early.add_argument("--bf16", action="store_true")
+    early.add_argument("--device", default=None)
     known, _ = early.parse_known_args(sys.argv[1:] if args_list is None else args_list)
     if known.fp16 and known.bf16:
         raise QuantConfigError("--fp16 and --bf16 were both given; pass only one of them (or neither for fp32).")
+    if known.device is not None:  # SAT would call into CUDA and fail with a raw "Found no NVIDIA driver"
+        _check_device_available(int(known.device) if known.device.lstrip("-").isdigit() else known.device)
     argv = list(sys.argv[1:] if args_list is None else args_list)
     check_world_size(argv)  # SAT would only assert deep inside initialize_distributed
     if not torch.cuda.is_available() and not any(a.startswith("--distributed-backend") for a in argv):

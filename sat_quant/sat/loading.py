@@ -25,7 +25,8 @@ from ..io.layout import model_parallel_rank, read_latest, read_model_config, sav
 from ..io.load import check_fits, check_sizes_against_table, fill
 from ..io.manifest import config_from_block, describe_block, read_manifest
 from ..io.parallel import agree_across_ranks, open_checkpoint_source, power_of_two
-from .args import config_from_args, fill_script_defaults, validate_quant_args
+from ..oom import oom_guidance
+from .args import config_from_args, fill_script_defaults, target_device, validate_quant_args
 from .build import build_quantized
 from .lora_mixin import attach_lora_from_args
 
@@ -167,17 +168,19 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
 
     saved_mp = saved_model_parallel_size(model_config, block_file)
     _check_model_parallel_sizes(path, saved_mp, new_args)  # before SAT builds (it asserts on odd head counts)
-    # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
-    model = build_quantized(new_args, cls, config, **kwargs)
-    attach_lora_from_args(model, new_args)  # a QLoRA checkpoint: its adapters (quant_lora in the config)
+    with oom_guidance(f"loading {path}", device=target_device(new_args), quant_bits=config.bits,
+                      model_parallel_size=saved_mp):
+        # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
+        model = build_quantized(new_args, cls, config, **kwargs)
+        attach_lora_from_args(model, new_args)  # a QLoRA checkpoint: its adapters (quant_lora in the config)
 
-    def open_and_check():
-        source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
-        check_fits(model, source)
-        return source
+        def open_and_check():
+            source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
+            check_fits(model, source)
+            return source
 
-    source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
-    fill(model, source)
+        source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
+        fill(model, source)
     new_args.model_parallel_size = model_parallel_rank()[1]
     return model, new_args
 

@@ -49,6 +49,18 @@ def test_cuda_device_without_cuda_is_refused_naming_the_flag(dtype):
         validate_quant_args(ns)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("quant", [[], ["--quant", "4"]], ids=["no-quant", "quant"])
+def test_cuda_device_without_cuda_is_refused_before_sat_parses(quant):
+    """SAT itself would fail with a raw 'Found no NVIDIA driver'; sat_quant names the flag first, with or without
+    --quant."""
+    with pytest.raises(QuantConfigError, match="--device 0 asks for CUDA"):
+        parse(["--device", "0"] + quant)
+    ns = argparse.Namespace(quant=None, fp16=False, bf16=False, device=0)
+    with pytest.raises(QuantConfigError, match="--device 0 asks for CUDA"):
+        validate_quant_args(ns)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quant,dtype", itertools.product(["4", "8"], DTYPE_FLAGS))

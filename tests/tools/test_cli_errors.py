@@ -83,3 +83,29 @@ def test_no_traceback_unless_sat_quant_debug(folders):
     loud = subprocess.run(argv, cwd=ROOT, env=dict(env, SAT_QUANT_DEBUG="1"), capture_output=True, text=True,
                           timeout=300)
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "CheckpointError" in loud.stderr
+
+
+ALLOCATOR = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 4194304 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def _fail_allocating(self, name, **kwargs):
+    raise ALLOCATOR
+
+
+def test_an_allocation_failure_in_convert_is_an_out_of_memory_error_and_writes_nothing(folders, capsys, monkeypatch):
+    monkeypatch.setattr("sat_quant.io.tensorfile.TensorSource.get", _fail_allocating)
+    dst = folders / "oom-out"
+    with pytest.raises(sat_quant.QuantOutOfMemoryError) as excinfo:
+        sat_quant.convert(str(folders / "fp"), str(dst), QuantConfig(bits=4), progress=False)
+    assert "ran out of cpu memory while converting" in str(excinfo.value) and "may be truncated" not in str(excinfo.value)
+    assert not dst.exists() and not [n for n in os.listdir(folders) if "tmp" in n]
+    status, lines = run_cli(capsys, "convert", str(folders / "fp"), str(dst), "--quant", "4", "--quiet")
+    assert status == 1 and len(lines) == 1 and "ran out of cpu memory" in lines[0], lines
+
+
+def test_an_allocation_failure_while_loading_is_an_out_of_memory_error(folders, monkeypatch):
+    from sat.model.official.gpt2_model import GPT2Model
+    monkeypatch.setattr("sat_quant.io.tensorfile.TensorSource.get", _fail_allocating)
+    with pytest.raises(sat_quant.QuantOutOfMemoryError, match="while loading"):
+        sat_quant.from_pretrained(GPT2Model, str(folders / "q4"))

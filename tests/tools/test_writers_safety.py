@@ -138,16 +138,18 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run_and_a_live_on
             live.kill()
 
 
-@pytest.mark.parametrize("kind", ["convert", "dequantize"])
+@pytest.mark.parametrize("kind", ["convert", "dequantize", "reshard"])
 def test_a_kill_at_every_step_of_the_publish_leaves_the_old_or_the_new_destination(sources, tmp_path, kind):
-    """A child counts the publish's filesystem changes (rename, exchange, rmtree) and SIGKILLs itself before the
-    k-th, for every k: DST then loads bitwise as the old folder or the new one, never empty or mixed, and the next
-    run on it completes and removes the killed run's temporaries."""
+    """A child counts the writer's filesystem steps (rename, replace, fsync, exchange, rmtree) and SIGKILLs itself
+    before the k-th, for every k (at least 8 instants): DST then loads bitwise as the old folder or the new one,
+    never empty or mixed, and the next run on it completes and removes the killed run's temporaries."""
     inputs = sources["inputs"]
     src = sources[kind]
     other = str(tmp_path / "other")  # what DST holds before: the other writer's output, so old and new differ
     if kind == "convert":
         sat_quant.dequantize(sources["dequantize"], other)
+    elif kind == "reshard":  # mp 2 int4 over an int8 folder: loaded at mp 1 the two differ
+        sat_quant.convert(sources["convert"], other, QuantConfig(bits=8), progress=False)
     else:
         sat_quant.convert(sources["convert"], other, QuantConfig(bits=8), progress=False)
     out = str(tmp_path / "runs")
@@ -156,8 +158,9 @@ def test_a_kill_at_every_step_of_the_publish_leaves_the_old_or_the_new_destinati
                            env=dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=ROOT))
     assert child.returncode == 0, child.stderr[-3000:]
     outcomes = json.loads(child.stdout.strip().splitlines()[-1])
-    assert outcomes[-1] == "completed" and set(outcomes[:-1]) == {"killed"} and len(outcomes) >= 3, outcomes
-    logits = lambda d: run_logits(sat_quant.from_pretrained(GPT2Model, d)[0].eval(), inputs)
+    assert outcomes[-1] == "completed" and set(outcomes[:-1]) == {"killed"} and len(outcomes) >= 9, outcomes
+    logits = lambda d: run_logits(sat_quant.from_pretrained(GPT2Model, d, overwrite_args={"model_parallel_size": 1})[0]
+                                  .eval(), inputs)
     ref_old, ref_new = logits(other), logits(os.path.join(out, str(len(outcomes))))
     assert not torch.equal(ref_old, ref_new)
     seen = []

@@ -1,6 +1,6 @@
 """Child process of tests/tools/test_writers_safety.py: for k = 1, 2, ..., copy OTHER to OUT/k, fork, and in the fork
 run the writer KIND from SRC onto OUT/k with --overwrite, SIGKILLing itself before its k-th filesystem change of the
-publish (rename, exchange, rmtree); stop when a run completes. Prints the JSON list of outcomes.
+writer (rename, replace, fsync, exchange, rmtree); stop when a run completes. Prints the JSON list of outcomes.
 
 ``python tests/workers/publish_child.py KIND SRC OTHER OUT``
 """
@@ -22,6 +22,8 @@ import sat_quant.io.commit as commit  # noqa: E402
 def run_writer(kind, src, dst):
     if kind == "convert":
         return sat_quant.convert(src, dst, sat_quant.QuantConfig(bits=4, group_size=64), overwrite=True, progress=False)
+    if kind == "reshard":
+        return sat_quant.reshard(src, dst, 2, overwrite=True)
     return sat_quant.dequantize(src, dst, overwrite=True)
 
 
@@ -43,7 +45,8 @@ def main(kind, src, other, out):
                         os.kill(os.getpid(), signal.SIGKILL)
                     return fn(*a, **kw)
                 return wrapper
-            os.rename, shutil.rmtree = hook(os.rename), hook(shutil.rmtree)
+            os.rename, os.replace, os.fsync = hook(os.rename), hook(os.replace), hook(os.fsync)
+            shutil.rmtree = hook(shutil.rmtree)
             commit.exchange = hook(commit.exchange)
             try:
                 run_writer(kind, src, target)
