@@ -63,6 +63,14 @@ def build_fp(name: str, seed: int = 0, **overrides):
     return model.eval(), args
 
 
+def save_fp_with_sat(model, args, path) -> str:
+    """A full-precision checkpoint written by SAT's own save_checkpoint (inference mode): what users convert."""
+    from sat.training.model_io import save_checkpoint as sat_save_checkpoint
+    args.save, args.mode = str(path), "inference"
+    sat_save_checkpoint(1, model, None, None, args)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def fp_models():
     """name → (fp32 model, its state_dict, inputs, fp32 logits), built once per session."""

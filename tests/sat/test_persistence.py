@@ -18,17 +18,10 @@ from tests.cogvlm_fixture import (
     tiny_cogvlm_args,
     tiny_cogvlm_inputs,
 )
-from tests.conftest import SAT_MODELS, run_logits, sat_args
+from tests.conftest import SAT_MODELS, run_logits, sat_args, save_fp_with_sat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BITS = {"int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
-
-
-def save_fp_with_sat(model, args, path):
-    """A full-precision checkpoint written by SAT's own save_checkpoint (inference mode)."""
-    args.save, args.mode = str(path), "inference"
-    sat_save_checkpoint(1, model, None, None, args)
-    return str(path)
 
 
 def quantize_in_memory(name, state, config):

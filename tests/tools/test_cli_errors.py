@@ -5,12 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from sat.training.model_io import save_checkpoint as sat_save_checkpoint
 
 import sat_quant
 from sat_quant import QuantConfig
 from sat_quant.tools.cli import main
-from tests.conftest import sat_args
+from tests.conftest import sat_args, save_fp_with_sat
 from tests.io.checkpoints import ROOT, snapshot
 
 
@@ -18,9 +17,7 @@ from tests.io.checkpoints import ROOT, snapshot
 def folders(fp_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model, _, _, _ = fp_models["gpt2"]
-    args = sat_args("gpt2")
-    args.save, args.mode = str(root / "fp"), "inference"
-    sat_save_checkpoint(1, model, None, None, args)
+    save_fp_with_sat(model, sat_args("gpt2"), root / "fp")
     sat_quant.convert(str(root / "fp"), str(root / "q4"), QuantConfig(bits=4), progress=False)
     (root / "a-file").write_text("not a checkpoint")
     return root

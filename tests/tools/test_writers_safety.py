@@ -14,12 +14,11 @@ import sys
 import pytest
 import torch
 from sat.model.official.gpt2_model import GPT2Model
-from sat.training.model_io import save_checkpoint as sat_save_checkpoint
 
 import sat_quant
 from sat_quant import CheckpointError, QuantConfig
 from sat_quant.io.commit import TMP_MARK
-from tests.conftest import run_logits, sat_args
+from tests.conftest import run_logits, sat_args, save_fp_with_sat
 from tests.io.checkpoints import ROOT, snapshot
 
 WRITERS = ["convert", "dequantize", "reshard", "merge-lora"]
@@ -41,9 +40,7 @@ def sources(fp_models, tmp_path_factory):
     """A full-precision SAT checkpoint, its int4 conversion and a QLoRA checkpoint of it, written once."""
     root = tmp_path_factory.mktemp("writers")
     model, _, inputs, _ = fp_models["gpt2"]
-    args = sat_args("gpt2")
-    args.save, args.mode = str(root / "fp"), "inference"
-    sat_save_checkpoint(1, model, None, None, args)
+    save_fp_with_sat(model, sat_args("gpt2"), root / "fp")
     sat_quant.convert(str(root / "fp"), str(root / "q4"), QuantConfig(bits=4, group_size=64), progress=False)
     q, q_args = sat_quant.from_pretrained(GPT2Model, str(root / "q4"))
     mixin = sat_quant.QuantLoraMixin.from_args(q_args)
@@ -138,6 +135,7 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run_and_a_live_on
             live.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["convert", "dequantize", "reshard"])
 def test_a_kill_at_every_step_of_the_publish_leaves_the_old_or_the_new_destination(sources, tmp_path, kind):
     """A child counts the writer's filesystem steps (rename, replace, fsync, exchange, rmtree) and SIGKILLs itself

@@ -1,6 +1,5 @@
-"""Child process of tests/tools/test_writers_safety.py: for k = 1, 2, ..., copy OTHER to OUT/k, fork, and in the fork
-run the writer KIND from SRC onto OUT/k with --overwrite, SIGKILLing itself before its k-th filesystem change of the
-writer (rename, replace, fsync, exchange, rmtree); stop when a run completes. Prints the JSON list of outcomes.
+"""Child process of tests/tools/test_writers_safety.py: the writer KIND from SRC onto a copy of OTHER with --overwrite,
+SIGKILLed before each of its filesystem steps in turn (tests/workers/kill_steps.py). Prints the JSON outcomes.
 
 ``python tests/workers/publish_child.py KIND SRC OTHER OUT``
 """
@@ -11,12 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import json  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 
 import torch  # noqa: E402
 
 import sat_quant  # noqa: E402
 import sat_quant.io.commit as commit  # noqa: E402
+from tests.workers.kill_steps import kill_at_every_step  # noqa: E402
 
 
 def run_writer(kind, src, dst):
@@ -29,34 +28,8 @@ def run_writer(kind, src, dst):
 
 def main(kind, src, other, out):
     torch.set_num_threads(1)  # single-threaded before any work: we fork
-    os.makedirs(out)
-    outcomes = []
-    for k in range(1, 40):
-        target = os.path.join(out, str(k))
-        shutil.copytree(other, target)
-        pid = os.fork()
-        if pid == 0:
-            count = [0]
-
-            def hook(fn, count=count, k=k):
-                def wrapper(*a, **kw):
-                    count[0] += 1
-                    if count[0] == k:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return fn(*a, **kw)
-                return wrapper
-            os.rename, os.replace, os.fsync = hook(os.rename), hook(os.replace), hook(os.fsync)
-            shutil.rmtree = hook(shutil.rmtree)
-            commit.exchange = hook(commit.exchange)
-            try:
-                run_writer(kind, src, target)
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        outcomes.append("killed" if killed else "completed" if os.WEXITSTATUS(status) == 0 else "failed")
-        if not killed:
-            break
+    steps = [(os, "rename"), (os, "replace"), (os, "fsync"), (shutil, "rmtree"), (commit, "exchange")]
+    outcomes = kill_at_every_step(other, out, lambda target: run_writer(kind, src, target), steps)
     print(json.dumps(outcomes))
 
 

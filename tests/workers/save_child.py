@@ -15,6 +15,7 @@ import torch  # noqa: E402
 import sat_quant  # noqa: E402
 import sat_quant.io.commit as commit_mod  # noqa: E402
 from tests.io.checkpoints import BIGGER, HUGE, build_q4  # noqa: E402
+from tests.workers.kill_steps import kill_at_every_step  # noqa: E402
 
 
 def _child_save_huge(directory, iteration, overwrite):
@@ -27,36 +28,9 @@ def _child_crash_steps(pristine, out, iteration, overwrite):
     """For k = 1, 2, ...: copy ``pristine`` to out/k, fork, and in the fork save the BIGGER model there,
     SIGKILLing itself just before its k-th filesystem change; stop when a save completes."""
     model, args = build_q4(BIGGER, seed=1)
-    os.makedirs(out)
     steps = [(os, "replace"), (os, "rename"), (os, "link"), (shutil, "rmtree"), (commit_mod, "exchange")]
-    outcomes = []
-    for k in range(1, 40):
-        target = os.path.join(out, str(k))
-        shutil.copytree(pristine, target)
-        pid = os.fork()
-        if pid == 0:  # the fork: count filesystem changes, die before the k-th
-            count = [0]
-
-            def hook(fn, count=count, k=k):
-                def wrapper(*a, **kw):
-                    count[0] += 1
-                    if count[0] == k:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return fn(*a, **kw)
-                return wrapper
-            for owner, name in steps:
-                if hasattr(owner, name):
-                    setattr(owner, name, hook(getattr(owner, name)))
-            try:
-                sat_quant.save_checkpoint(model, target, args=args, iteration=int(iteration),
-                                          overwrite=overwrite == "1")
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        outcomes.append("killed" if killed else "completed" if os.WEXITSTATUS(status) == 0 else "failed")
-        if not killed:
-            break
+    outcomes = kill_at_every_step(pristine, out, lambda target: sat_quant.save_checkpoint(
+        model, target, args=args, iteration=int(iteration), overwrite=overwrite == "1"), steps)
     print(json.dumps(outcomes))
 
 
