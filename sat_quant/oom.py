@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import resource
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Union
 
 from .errors import QuantError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's error path must not pay for it
+    import torch
 
 # what torch's CPU allocator and CUDA caching allocator say when an allocation fails
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
@@ -26,6 +27,7 @@ class QuantOutOfMemoryError(QuantError, MemoryError):
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for torch's OutOfMemoryError, Python's MemoryError and the CPU allocator's RuntimeError."""
+    import torch  # this module stays importable without torch: the CLI's error path uses it
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
@@ -57,6 +59,7 @@ def _cpu_capacity() -> Optional[int]:
 
 def memory_state(device: Optional[torch.device] = None) -> tuple:
     """(peak bytes so far, capacity bytes or None, device label) for ``device`` (CUDA) or this process (CPU)."""
+    import torch
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -110,6 +113,7 @@ def oom_guidance(stage: str, *, device: Optional[torch.device] = None, need_byte
     except BaseException as exc:
         if not is_out_of_memory(exc):
             raise
+        import torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # let the caller (or the user's next try) start from a clean allocator
         peak, capacity, label = memory_state(device)

@@ -7,7 +7,6 @@ parsers, which already define ``--quant`` (existing options are left alone).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -15,39 +14,13 @@ from typing import Optional, Sequence
 import torch
 
 from ..algorithms.planner import parse_budget
-from ..engine.backends import BACKEND_CHOICES, get_backend
+from ..engine.backends import get_backend
 from ..engine.config import FULL_PRECISION, QuantConfig, load_plan_file, parse_plan_value
-from ..engine.formats import format_names, get_format
+from ..engine.formats import get_format
 from ..errors import QuantConfigError
 from ..io.manifest import config_from_block
+from .flags import add_quant_args
 from .training import TRAINING_MODES, cpu_training_argv, finish_cpu_training_args, requested_mode
-
-
-def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the sat_quant flags; options the parser already has (e.g. CogVLM's --quant) are kept as they are."""
-    existing = set(parser._option_string_actions)  # argparse has no public query for "is this option defined"
-
-    def add(flag, **kw):
-        if flag not in existing:
-            parser.add_argument(flag, **kw)
-
-    add("--quant", type=int, choices=[4, 8], default=None,
-        help="quantize linear layers to 4 or 8 bits while the model is built (sat_quant)")
-    add("--quant-format", type=str, choices=format_names(), default=None,
-        help="weight format; default int8 for --quant 8, int4 (grouped) for --quant 4")
-    add("--quant-group-size", type=int, default=None, help="input columns per scale group (4-bit formats)")
-    add("--quant-skip", type=str, nargs="*", default=[],
-        help="glob patterns of module names kept in full precision, e.g. '*.vit_model.*'")
-    add("--quant-plan", type=str, default=None, help="JSON file mapping module-name globs to a format or 'fp'")
-    add("--quant-backend", type=str, choices=list(BACKEND_CHOICES), default="auto",
-        help="kernel backend; auto picks the fastest that runs on the device")
-    add("--quant-lm-head", action="store_true", default=False, help="also quantize the LM head")
-    add("--quant-budget", type=str, default=None,
-        help="mixed precision by size: '5.0bpp' (bits/param of the quantized linears) or a model size such as "
-             "'10GB' / '9.5GiB'; used by `sat-quant plan` and `sat-quant convert` (see sat_quant.planner)")
-    # Not typed by users: SAT's save_checkpoint dumps it into model_config.json as the "quantization" block.
-    add("--quantization", type=json.loads, default=None, help=argparse.SUPPRESS)
-    return parser
 
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
