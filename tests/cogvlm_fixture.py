@@ -43,6 +43,8 @@ def _find_cogvlm_dir() -> Path:
 
 #: the upstream snapshot (see _find_cogvlm_dir)
 COGVLM_DIR = _find_cogvlm_dir()
+# the package itself knows no path: its helpers take a folder or $SAT_QUANT_COGVLM_DIR (tests and benchmarks set it)
+os.environ.setdefault("SAT_QUANT_COGVLM_DIR", str(COGVLM_DIR))
 
 def cogvlm_available() -> bool:
     """True when the upstream CogVLM snapshot is where the fixture looks for it."""

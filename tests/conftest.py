@@ -16,6 +16,8 @@ from sat.model.official.bert_model import BertModel  # noqa: E402
 from sat.model.official.gpt2_model import GPT2Model  # noqa: E402
 from sat.model.official.llama_model import LLaMAModel  # noqa: E402
 
+import tests.cogvlm_fixture  # noqa: E402,F401  (sets $SAT_QUANT_COGVLM_DIR for the package's CogVLM helpers)
+
 SAT_MODELS = {
     "gpt2": (GPT2Model, dict(num_layers=2, hidden_size=256, num_attention_heads=4, vocab_size=1000,
                              max_sequence_length=64)),

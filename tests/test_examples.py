@@ -42,3 +42,21 @@ def test_model_parallel_example_answers_like_the_single_process_one(chat_example
     assert result.returncode == 0, result.stderr[-3000:]
     assert (work / "int4-mp2" / "1" / "mp_rank_01_model_states.safetensors").is_file()
     assert answers(result.stdout) == answers(single.stdout)[:1]
+
+
+def test_the_package_guesses_no_cogvlm_folder(monkeypatch, tmp_path):
+    """No fixed path in the package: a folder argument or $SAT_QUANT_COGVLM_DIR, else an error saying how."""
+    from sat_quant.testing.cogvlm_assets import find_cogvlm_dir
+    monkeypatch.delenv("SAT_QUANT_COGVLM_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="set SAT_QUANT_COGVLM_DIR"):
+        find_cogvlm_dir()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        find_cogvlm_dir(str(tmp_path))
+
+
+def test_an_example_without_a_cogvlm_checkout_says_where_to_get_one(tmp_path):
+    env = script_env({"COGVLM_DIR": str(tmp_path / "nowhere")})
+    result = subprocess.run(["bash", str(REPO / "examples" / "cogvlm_tiny_chat.sh"), str(tmp_path / "w")],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no CogVLM checkout" in result.stderr and "COGVLM_DIR" in result.stderr
+    assert not (tmp_path / "w").exists()

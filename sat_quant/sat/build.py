@@ -19,7 +19,7 @@ from torch import nn
 
 from ..engine.config import QuantConfig
 from ..engine.replace import DEFAULT_INIT_STD, everything_on_meta, linear_weights_on_meta, quantize_
-from ..engine.report import QuantReport
+from ..engine.report import QuantReport, quant_report
 from ..errors import QuantConfigError
 from ..io.manifest import quantization_block
 from .args import params_dtype, target_device, validate_quant_args
@@ -52,12 +52,15 @@ def build_quantized(args: argparse.Namespace, model_cls, config: QuantConfig, **
     device = target_device(args)
     with linear_weights_on_meta():
         model = model_cls(args, params_dtype=dtype, **kwargs)
-    report = _quantize_built(model, args, config, device)
+    _quantize_built(model, args, config, device)
     if getattr(args, "fp16", False):
         model.half()
     elif getattr(args, "bf16", False):
         model.bfloat16()
     model.to(device)
+    # priced after the cast: the full-precision rows in the dtype the model really holds (fp32 parts built by
+    # model code, e.g. CogVLM's towers, become bf16/fp16 only now)
+    model.quant_report = report = quant_report(model)
     print_rank0(f"sat_quant: {config.format} ({config.bits}-bit) model built\n{report.table()}")
     return model
 

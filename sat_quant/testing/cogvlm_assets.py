@@ -49,16 +49,15 @@ _WORDS = ("the a an cat dog bird image picture photo shows of red green blue yel
 
 
 def find_cogvlm_dir(hint: Optional[str] = None) -> Path:
-    """A CogVLM checkout: ``hint``, else ``$SAT_QUANT_COGVLM_DIR``, else ``../shared/cogvlm`` beside this
-    checkout, else ``/work/shared/cogvlm``. Raises FileNotFoundError naming where it looked."""
-    here = Path(__file__).resolve().parents[3]  # the folder holding the sat_quant checkout
+    """A CogVLM checkout: ``hint``, else ``$SAT_QUANT_COGVLM_DIR``; no other place is guessed. Raises
+    FileNotFoundError saying where it looked and how to point at a checkout."""
     candidates = [Path(p) for p in (hint, os.environ.get("SAT_QUANT_COGVLM_DIR")) if p]
-    candidates += [here / "shared" / "cogvlm", Path("/work/shared/cogvlm")]
     for c in candidates:
         if (c / "utils" / "models" / "cogvlm_model.py").is_file():
             return c
-    raise FileNotFoundError(f"no CogVLM checkout found (looked in {', '.join(map(str, candidates))}); "
-                            f"clone https://github.com/THUDM/CogVLM and pass its path or set SAT_QUANT_COGVLM_DIR.")
+    looked = f"looked in {', '.join(map(str, candidates))}" if candidates else "no folder was given"
+    raise FileNotFoundError(f"no CogVLM checkout found ({looked}); clone https://github.com/THUDM/CogVLM and pass "
+                            f"its folder (--cogvlm DIR) or set SAT_QUANT_COGVLM_DIR.")
 
 
 def import_cogvlm(cogvlm_dir: Optional[str] = None):
@@ -147,7 +146,7 @@ def main(argv: Optional[list] = None) -> int:
     OUT/tokenizer and OUT/image.png for the examples."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out")
-    parser.add_argument("--cogvlm", default=None, help="CogVLM checkout (default: $SAT_QUANT_COGVLM_DIR or ../shared/cogvlm)")
+    parser.add_argument("--cogvlm", default=None, help="CogVLM checkout (default: $SAT_QUANT_COGVLM_DIR)")
     ns = parser.parse_args(argv)
     save_tiny_checkpoint(os.path.join(ns.out, "fp"), ns.cogvlm)
     make_tokenizer(os.path.join(ns.out, "tokenizer"))

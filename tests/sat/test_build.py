@@ -178,3 +178,17 @@ def test_cogvlm_quantized_at_build(cogvlm_fp, fmt):
     assert any("vision_dense_h_to_4h_list" in n for n in quantized), "visual expert MLP (mixin)"
     assert any("vision_query_key_value_list" in n for n in quantized), "visual expert attention (mixin)"
     assert model.quant_report.rows[fmt].layers == len(quantized)
+
+
+@pytest.mark.parametrize("dtype,flag", [(torch.bfloat16, "bf16"), (torch.float16, "fp16")])
+def test_report_prices_full_precision_rows_in_the_dtype_the_model_holds(dtype, flag):
+    """Under --bf16 / --fp16 every remaining parameter is 16-bit once SAT's cast has run: 16 bits/param, and the
+    quantized rows' 'before' is priced at 2 bytes/param too (not the fp32 some parts are built in)."""
+    from sat.model.official.gpt2_model import GPT2Model
+    args = sat_args("gpt2", quant=4, **{flag: True})
+    model = sat_quant.get_model(args, GPT2Model)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {dtype}
+    rest = model.quant_report.rows["full precision"]
+    assert rest.bytes_after == 2 * rest.params
+    row = model.quant_report.rows["int4"]
+    assert row.bytes_before == 2 * row.params
