@@ -125,8 +125,8 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
     path = name
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory; sat_quant loads local SAT checkpoint directories "
-                              f"only (it never downloads). For a SAT model name, resolve it first with "
-                              f"`sat.resources.auto_create(name)`, which returns its local folder.")
+                              f"only (it never downloads). For a SAT model name, download and unzip the checkpoint "
+                              f"and pass its folder (SAT keeps them in $SAT_HOME/NAME, default ~/.sat_models).")
     model_config = read_model_config(path)
     iteration = read_latest(path)
     rank, _ = model_parallel_rank()

@@ -25,12 +25,16 @@ from .estimate import estimate_runtime, estimate_weights
 
 
 def resolve_checkpoint(name: str) -> str:
-    """A local checkpoint folder as is; otherwise SAT's own resolution of a model name (``auto_create``),
-    exactly what the unpatched scripts do with ``--from_pretrained cogvlm-chat``."""
+    """A local checkpoint folder as is; a model name only where SAT has already unpacked it (``$SAT_HOME/name``,
+    default ``~/.sat_models``). Never downloads: an unknown name is one sentence saying where to get it."""
     if os.path.isdir(name):
         return name
-    from sat.resources import auto_create
-    return auto_create(name, path=None)
+    cached = os.path.join(os.path.expanduser(os.getenv("SAT_HOME", "~/.sat_models")), name)
+    if os.path.isdir(cached):
+        return cached
+    raise QuantConfigError(f"--from_pretrained {name}: no such folder, and not in SAT's model folder ({cached}); "
+                           f"sat_quant never downloads. Download the checkpoint (CogVLM's README links cogvlm-chat, "
+                           f"cogagent-chat, ...), unzip it, and pass its folder: --from_pretrained /path/to/{name}.")
 
 
 def default_device() -> str:

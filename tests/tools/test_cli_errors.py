@@ -106,3 +106,16 @@ def test_an_allocation_failure_while_loading_is_an_out_of_memory_error(folders, 
     monkeypatch.setattr("sat_quant.io.tensorfile.TensorSource.get", _fail_allocating)
     with pytest.raises(sat_quant.QuantOutOfMemoryError, match="while loading"):
         sat_quant.from_pretrained(GPT2Model, str(folders / "q4"))
+
+
+def test_an_unknown_model_name_says_where_to_get_the_checkpoint(tmp_path, monkeypatch):
+    """The patched scripts' --from_pretrained: a folder, or a name SAT already unpacked; never a download."""
+    from sat_quant.tools.patched_scripts import resolve_checkpoint
+    monkeypatch.setenv("SAT_HOME", str(tmp_path))
+    with pytest.raises(sat_quant.QuantConfigError) as excinfo:
+        resolve_checkpoint("cogvlm-chat")
+    message = str(excinfo.value)
+    assert "--from_pretrained cogvlm-chat" in message and "never downloads" in message and "pass its folder" in message
+    assert os.listdir(tmp_path) == []  # no lock file, no partial download
+    (tmp_path / "cogvlm-chat").mkdir()
+    assert resolve_checkpoint("cogvlm-chat") == str(tmp_path / "cogvlm-chat")
