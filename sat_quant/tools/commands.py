@@ -13,7 +13,7 @@ from sat.arguments import update_args_with_file
 
 from ..engine.config import QuantConfig
 from ..errors import QuantConfigError
-from ..io.commit import overlap, write_text_atomic
+from ..io.commit import check_destination, overlap, write_text_atomic
 from ..sat.args import fill_script_defaults, validate_quant_args
 from ..sat.loading import model_class_for
 from .convert import convert
@@ -33,6 +33,7 @@ def demo_command(ns: argparse.Namespace) -> int:
 
 
 def convert_command(ns: argparse.Namespace) -> int:
+    check_destination(ns.dst, ns.overwrite, src=ns.src, verb="convert")  # before a budget's (long) planning
     budget, ns.quant_budget = getattr(ns, "quant_budget", None), None  # consumed here: plan, then convert
     if budget and ns.quant is None and ns.quant_format is None:
         ns.quant = 4  # a budget plans 4-bit formats (and int8 where it pays): it implies --quant 4
