@@ -6,7 +6,7 @@ import argparse
 import datetime
 import os
 
-from . import accuracy, e2e, eval_memory, kernels, load, notes
+from . import accuracy, e2e, eval_memory, kernels, load, notes, startup
 from .machine import describe
 
 
@@ -24,7 +24,7 @@ def _replace_section(document: str, section: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-reference", action="store_true", help="skip the slow dequantize-per-call reference rows")
-    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "e2e", "eval_memory", "notes"], default=None,
+    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "e2e", "eval_memory", "startup", "notes"], default=None,
                         help="run one section")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     ns = parser.parse_args()
@@ -40,6 +40,8 @@ def main() -> None:
         sections.append(e2e.run())
     if ns.only in (None, "eval_memory"):
         sections.append(eval_memory.run())
+    if ns.only in (None, "startup"):
+        sections.append(startup.run())
     if ns.only in (None, "notes"):
         sections.append(notes.run())
     if ns.only and os.path.exists(ns.out):  # keep the other sections of an earlier full run
