@@ -51,7 +51,7 @@ def tensor_kinds(model: nn.Module) -> Dict[str, Kind]:
                 kinds.update(packed_kinds(("row", 1), module.fmt, module.spec, pre))
         elif isinstance(module, VocabParallelEmbedding):
             kinds[pre + "weight"] = ("vocab", 1)
-        elif isinstance(module, LoraQuantLinear):  # A and B follow the base's partition (see lora.py)
+        elif isinstance(module, LoraQuantLinear):  # A and B follow the base's partition (see engine/lora.py)
             if isinstance(module.base, QuantColumnParallelLinear):
                 kinds[pre + "lora_B"] = ("column", module.base.stride)
             elif isinstance(module.base, QuantRowParallelLinear):
