@@ -7,14 +7,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COGVLM_DIR="${COGVLM_DIR:-$REPO/../shared/cogvlm}"
-if [ ! -f "$COGVLM_DIR/utils/models/cogvlm_model.py" ]; then
-    echo "$0: no CogVLM checkout at $COGVLM_DIR; clone https://github.com/THUDM/CogVLM and set COGVLM_DIR to it" >&2
-    exit 2
-fi
-python -c "import timm, einops, sentencepiece, transformers" 2>/dev/null || {
-    echo "$0: CogVLM's model code needs timm, einops, sentencepiece and transformers: pip install -e '.[cogvlm]'" >&2
-    exit 2
-}
+. "$REPO/examples/_require.sh"
 WORK="${1:-$(mktemp -d)}"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 SAT_QUANT_COGVLM_DIR="$COGVLM_DIR"
 

@@ -101,8 +101,7 @@ def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *,
     barrier()
     if rank == 0:
         try:
-            write_json_atomic(os.path.join(save_dir, "model_config.json"), config)
-            write_text_atomic(os.path.join(save_dir, "latest"), str(iteration))
+            write_folder_config(save_dir, config, iteration)
             fsync_dir(save_dir)
         except OSError as exc:
             raise _save_failed(exc, final_dir, save_dir, committed=True) from exc

@@ -1,13 +1,14 @@
 """``sat-quant inspect``: a table per quantized layer (format, bits, group, bytes) and totals, from the files only."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..engine.formats import get_format
 from ..io.layout import checkpoint_tensor_path, read_latest, read_model_config
 from ..io.manifest import describe_block, read_manifest
 from ..io.tensorfile import TensorSource
-from .sources import numel
 
 
 def inspect_checkpoint(path: str) -> str:
@@ -18,11 +19,11 @@ def inspect_checkpoint(path: str) -> str:
     block = (manifest or {}).get("quantization") or model_config.get("quantization") or {"layers": {}}
     if manifest is not None:
         table = {k: (tuple(v["shape"]), v["dtype"]) for k, v in manifest["tensors"].items()}
-        nbytes = {k: numel(shape) * torch.empty((), dtype=getattr(torch, dt)).element_size()
+        nbytes = {k: math.prod(shape) * getattr(torch, dt).itemsize
                   for k, (shape, dt) in table.items()}
     else:
         source = TensorSource(checkpoint_tensor_path(path, iteration, 0))
-        nbytes = {k: numel(shape) * torch.empty((), dtype=dt).element_size()
+        nbytes = {k: math.prod(shape) * dt.itemsize
                   for k, (shape, dt) in source.layout().items()}
     lines = [f"{path}: model_class {model_config.get('model_class')}, iteration {iteration}, "
              f"{describe_block(block) if block['layers'] else 'not quantized'}",

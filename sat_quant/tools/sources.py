@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -66,19 +67,12 @@ def open_full_precision(src: str, verb: str, imports: Optional[List[str]] = None
     return FullPrecisionSource(cls, args, source, iteration)
 
 
-def numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 class ProgressSource:
     """A TensorSource that advances a tqdm bar by the bytes of each tensor read."""
 
     def __init__(self, source: TensorSource, enabled: bool, desc: str = "quantizing") -> None:
         self.source, self.path = source, source.path
-        total = sum(numel(shape) * dt.itemsize for shape, dt in source.layout().values())
+        total = sum(math.prod(shape) * dt.itemsize for shape, dt in source.layout().values())
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled)
 
     def layout(self):
@@ -91,4 +85,4 @@ class ProgressSource:
 
 
 __all__ = ["import_modules", "full_precision_source_config", "FullPrecisionSource", "open_full_precision",
-           "ProgressSource", "numel"]
+           "ProgressSource"]
