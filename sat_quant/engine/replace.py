@@ -113,6 +113,13 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> List[PlannedLayer]:
                             f"divides {in_features}]")
             errors.append(message)
             continue
+        if planned.spec is not None and planned.spec.padding and _row_parallel_shard(planned.module, in_features):
+            g = planned.spec.group_size
+            errors.append(f"{planned.spec.format}: in_features={in_features} for layer '{planned.names[0]}' is not "
+                          f"divisible by group size {g} [a row-parallel layer: this rank holds {in_features} of its "
+                          f"{planned.module.input_size} input columns, and a group may not straddle two ranks or be "
+                          f"padded inside one; pick a group size that divides {in_features}]")
+            continue
         fmt = None if planned.spec is None else get_format(planned.spec.format)
         if (fmt is not None and fmt.per_row_tensors and not fmt.shares_row_stats
                 and _row_parallel_shard(planned.module, in_features)):

@@ -4,7 +4,8 @@ Mirrors SAT's ``partition``/``merge`` of ``ColumnParallelLinear`` (rows, honouri
 QKV), ``RowParallelLinear`` (input columns) and ``VocabParallelEmbedding`` (rows), for every tensor a
 quantized layer holds: packed codes and per-row or per-group scales split along the same axis as the
 weight. Row-parallel 4-bit codes split on byte boundaries and groups never straddle a partition (the
-layer spec already requires ``group_size`` to divide the partition's input size).
+layer plan already requires ``group_size`` to divide a row-parallel partition's input size; a whole row-parallel
+layer stored zero-padded to whole groups cannot be split and says so).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def _strides(stride: Stride) -> List[int]:
 def packed_kinds(weight_kind: Kind, fmt, spec, prefix: str) -> Dict[str, Kind]:
     """How each packed tensor of one quantized layer is partitioned: like its weight, except the per-row tensors of
     a row-parallel layer whose format shares them across ranks (int8's scale): whole-row, identical on every rank."""
+    if weight_kind[0] == "row" and spec.padding:  # zero-padded rows: a cut would land inside the padding's groups
+        return {prefix + n: ("row-padded", 1) for n in fmt.layout(spec)}
     replicated = set(fmt.per_row_tensors) if weight_kind[0] == "row" and fmt.shares_row_stats else set()
     return {prefix + n: (("row-replicated", 1) if n in replicated else weight_kind) for n in fmt.layout(spec)}
 
@@ -81,6 +84,10 @@ def split(t: torch.Tensor, kind: Kind, parts: int) -> List[torch.Tensor]:
     how, stride = kind
     if parts == 1 or how == "row-replicated":
         return [t] * parts
+    if how == "row-padded":
+        raise CheckpointError(f"cannot split a row-parallel layer stored zero-padded to whole groups ({t.shape[1]} "
+                              f"packed columns) into {parts} model-parallel parts; keep model-parallel size 1, or "
+                              f"convert from full precision with a --quant-group-size that divides its input size.")
     if how == "row":
         if t.shape[1] % parts:
             raise CheckpointError(f"cannot split {t.shape[1]} input columns into {parts} model-parallel parts")
@@ -106,6 +113,9 @@ def merge(shards: Sequence[torch.Tensor], kind: Kind) -> torch.Tensor:
             raise CheckpointError("row-parallel int8 shards carry different per-row scales (not written by "
                                   "sat_quant's model-parallel quantization); re-convert from full precision.")
         return shards[0]
+    if how == "row-padded":
+        raise CheckpointError("row-parallel shards of a layer stored zero-padded to whole groups cannot be merged "
+                              "(sat_quant never writes them); re-convert from full precision.")
     if how == "row":
         return torch.cat(list(shards), dim=1)
     strides = _strides(stride if how == "column" else 1)

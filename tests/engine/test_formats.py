@@ -94,9 +94,12 @@ def test_bits_per_param():
 
 
 @pytest.mark.parametrize("name", ["int4", "int4c", "nf4", "fp4"])
-def test_group_that_does_not_divide_in_features_is_a_clear_error(name):
-    with pytest.raises(QuantConfigError, match=r"not divisible by group size 128.*--quant-group-size 32"):
-        get_format(name).spec(64, 96, group_size=128, where="mlp.fc")
+def test_group_that_does_not_divide_in_features_is_zero_padded(name):
+    spec = get_format(name).spec(64, 96, group_size=128, where="mlp.fc")  # one group, 32 zero columns
+    assert (spec.num_groups, spec.padded_in_features, spec.padding) == (1, 128, 32)
+    assert get_format(name).layout(spec)["qweight"][0] == (64, 64)
+    with pytest.raises(QuantConfigError, match="positive even number"):
+        get_format(name).spec(64, 96, group_size=33, where="mlp.fc")
 
 
 def test_unknown_format_lists_the_known_ones():

@@ -39,6 +39,12 @@ class Backend(ABC):
         """x [..., in] → x @ W^T [..., out] in x's dtype, without bias."""
 
 
+def pad_activation(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """x [..., in] → [..., padded_in_features] with zero columns, for kernels that read whole groups: the stored
+    weight's pad columns then meet zeros and add nothing (docs/FORMAT.md, "Ragged input sizes")."""
+    return torch.nn.functional.pad(x, (0, spec.padding)) if spec.padding else x
+
+
 def cached(kernel: KernelTensors, key: str, make) -> torch.Tensor:
     """Per-activation-dtype derived tensors (scales cast to bf16, ...) are built once and kept in the kernel dict."""
     t = kernel.get(key)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..formats import LayerSpec, WeightFormat
-from .base import Backend, KernelTensors
+from .base import Backend, KernelTensors, pad_activation
 
 
 class BitsAndBytesBackend(Backend):
@@ -30,7 +30,7 @@ class BitsAndBytesBackend(Backend):
         if state is None:
             from bitsandbytes.functional import QuantState
             absmax = kernel["absmax"]
-            state = QuantState(absmax=absmax.reshape(-1), shape=torch.Size([spec.out_features, spec.in_features]),
+            state = QuantState(absmax=absmax.reshape(-1), shape=torch.Size([spec.out_features, spec.padded_in_features]),
                                code=fmt.table_tensor(absmax.device), blocksize=spec.group_size,
                                quant_type=fmt.bnb_quant_type, dtype=dtype)
             kernel[key] = state
@@ -40,4 +40,4 @@ class BitsAndBytesBackend(Backend):
         import bitsandbytes as bnb
         state = self._state(fmt, spec, kernel, x.dtype)
         packed = kernel["qweight"].reshape(-1, 1)
-        return bnb.matmul_4bit(x, packed.t(), quant_state=state)
+        return bnb.matmul_4bit(pad_activation(x, spec), packed.t(), quant_state=state)

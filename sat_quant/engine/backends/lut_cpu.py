@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..formats import LayerSpec, WeightFormat
-from .base import Backend, KernelTensors, cached
+from .base import Backend, KernelTensors, cached, pad_activation
 
 
 class LutCpuBackend(Backend):
@@ -23,9 +23,9 @@ class LutCpuBackend(Backend):
         if torch.device(device).type != "cpu":
             return f"the lookup-table kernel runs on CPU only, not {torch.device(device).type}"
         from ..kernels import lut4
-        return lut4.supports_shape(spec.in_features, spec.group_size) or lut4.unavailable_reason()
+        return lut4.supports_shape(spec.padded_in_features, spec.group_size) or lut4.unavailable_reason()
 
     def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         from ..kernels import lut4
         table = cached(kernel, "_table", lambda: fmt.table_tensor())
-        return lut4.linear(x, kernel["qweight"], kernel["absmax"], table, spec.group_size)
+        return lut4.linear(pad_activation(x, spec), kernel["qweight"], kernel["absmax"], table, spec.group_size)

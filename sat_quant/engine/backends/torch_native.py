@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..formats import LayerSpec, WeightFormat, pack_nibbles, unpack_nibbles
-from .base import Backend, KernelTensors, cached
+from .base import Backend, KernelTensors, cached, pad_activation
 
 _INT4_GROUPS = (32, 64, 128, 256)
 
@@ -67,7 +67,7 @@ class TorchNativeBackend(Backend):
                 return f"torch CPU int4 kernel needs out_features divisible by {block_n}, got {spec.out_features}"
             return None
         if dev == "cuda":
-            if spec.out_features % 8 or spec.in_features % (16 * 8):
+            if spec.out_features % 8 or spec.padded_in_features % (16 * 8):
                 return "torch CUDA int4 kernel needs out_features % 8 == 0 and in_features % 128 == 0"
             return None
         return f"no int4 kernel for device {dev}"
@@ -101,7 +101,7 @@ class TorchNativeBackend(Backend):
         if "_neutral_qweight" in kernel:
             qweight = kernel["_neutral_qweight"]
         else:
-            codes = _cpu_unpack(kernel["packed"], spec.out_features, spec.in_features, cpu_int4_block_n())
+            codes = _cpu_unpack(kernel["packed"], spec.out_features, spec.padded_in_features, cpu_int4_block_n())
             qweight = pack_nibbles(codes)
         return {"qweight": qweight, **{k: v for k, v in kernel.items() if not k.startswith("_") and k != "packed"}}
 
@@ -111,7 +111,8 @@ class TorchNativeBackend(Backend):
         # Both kernels are fast only with bf16 activations (on CPU fp32 input takes a path ~10x slower
         # than dense fp32, see benchmarks/RESULTS.md); they accumulate in fp32. The activation rounding
         # (~0.3% relative) is below int8's own weight error; the output returns in the caller's dtype.
-        xk = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        xk = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        xk = pad_activation(xk, spec).contiguous()  # a ragged layer's stored rows end in whole zero-padded groups
         if fmt.kernel_layout == "int8_rowwise":
             scale = cached(kernel, "_scale_bf16", lambda: kernel["scale"].to(torch.bfloat16))
             y = torch.ops.aten._weight_int8pack_mm(xk, kernel["qweight"], scale)

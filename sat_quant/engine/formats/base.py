@@ -28,7 +28,20 @@ class LayerSpec:
 
     @property
     def num_groups(self) -> int:
-        return 1 if self.group_size is None else self.in_features // self.group_size
+        """Groups per row; a last, partial group counts (its columns are zero-padded, see ``padded_in_features``)."""
+        return 1 if self.group_size is None else -(-self.in_features // self.group_size)
+
+    @property
+    def padded_in_features(self) -> int:
+        """Input columns as stored: ``in_features`` rounded up to whole groups. Zero-padding (rather than a ragged
+        last group) keeps every group the same size, which torch's int4 kernels, the lut kernel and bitsandbytes
+        require; the pad columns hold code ``zero`` (int4) or 0 (nf4/fp4) and meet zero activations."""
+        return self.in_features if self.group_size is None else self.num_groups * self.group_size
+
+    @property
+    def padding(self) -> int:
+        """Zero columns appended to each row (0 when the group size divides ``in_features``)."""
+        return self.padded_in_features - self.in_features
 
 
 class WeightFormat(ABC):
@@ -75,12 +88,7 @@ class WeightFormat(ABC):
             if group_size is None or group_size <= 0 or group_size % 2:
                 raise QuantConfigError(f"{self.name}: group size must be a positive even number, got {group_size}{at}; "
                                        f"set --quant-group-size (e.g. 32, 64 or 128).")
-            if in_features % group_size:
-                divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
-                hint = f"use --quant-group-size {divisors[-1]}" if divisors else "add it to --quant-skip"
-                raise QuantConfigError(
-                    f"{self.name}: in_features={in_features}{at} is not divisible by group size {group_size}; "
-                    f"{hint} (sat_quant does not pad groups).")
+            # in_features need not be a multiple of the group: the stored rows are zero-padded to whole groups
 
     def spec(self, out_features: int, in_features: int, group_size: Optional[int] = None, where: str = "") -> LayerSpec:
         group = self.resolve_group_size(group_size)
@@ -112,6 +120,18 @@ class WeightFormat(ABC):
 
     def bits_per_param(self, spec: LayerSpec) -> float:
         return 8.0 * self.nbytes(spec) / (spec.out_features * spec.in_features)
+
+
+def pad_columns(weight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """[out, in] → [out, padded_in_features] with zero columns appended (the tensor itself when none are needed)."""
+    return torch.nn.functional.pad(weight, (0, spec.padding)) if spec.padding else weight
+
+
+def pad_hessian(hessian: Optional[torch.Tensor], spec: LayerSpec) -> Optional[torch.Tensor]:
+    """A calibration Hessian [in, in] grown to the padded columns: they saw no input (zero rows and columns)."""
+    if hessian is None or not spec.padding:
+        return hessian
+    return torch.nn.functional.pad(hessian, (0, spec.padding, 0, spec.padding))
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, register_format, unpack_nibbles
+from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, pad_columns, register_format, unpack_nibbles
 
 # The two 16-entry tables bitsandbytes uses (bitsandbytes.functional.get_4bit_type).
 NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -38,11 +38,11 @@ class _Table4Bit(WeightFormat):
         return torch.tensor(self.table, dtype=torch.float32, device=device)
 
     def layout(self, spec: LayerSpec) -> TensorLayout:
-        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        n, k, g = spec.out_features, spec.padded_in_features, spec.num_groups
         return {"qweight": ((n, k // 2), torch.uint8), "absmax": ((n, g), torch.float32)}
 
     def quantize(self, weight: torch.Tensor, spec: LayerSpec) -> Dict[str, torch.Tensor]:
-        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        n, k, g = spec.out_features, spec.padded_in_features, spec.num_groups
         # nearest table entry: bucketize against midpoints of the sorted table
         values, order = torch.sort(self.table_tensor(weight.device))
         mids = (values[1:] + values[:-1]) / 2
@@ -51,7 +51,8 @@ class _Table4Bit(WeightFormat):
         absmax = torch.empty(n, g, dtype=torch.float32, device=weight.device)
         rows = max(1, _CHUNK_ELEMENTS // k)  # bounded fp32/int32 temporaries, whatever the layer's size
         for start in range(0, n, rows):
-            w = weight[start:start + rows].detach().float().reshape(-1, g, k // g)
+            # pad columns are 0: code of 0.0 in the table, and they change no block's absmax
+            w = pad_columns(weight[start:start + rows].detach().float(), spec).reshape(-1, g, k // g)
             block_max = w.abs().amax(dim=-1)
             normed = w / torch.where(block_max > 0, block_max, torch.ones_like(block_max))[..., None]
             codes = order[torch.bucketize(normed, mids, out_int32=True)]
@@ -61,10 +62,10 @@ class _Table4Bit(WeightFormat):
 
     def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        n, k, g = spec.out_features, spec.padded_in_features, spec.num_groups
         codes = unpack_nibbles(tensors["qweight"]).long()
         w = self.table_tensor(codes.device)[codes].reshape(n, g, k // g) * tensors["absmax"].float()[..., None]
-        return w.reshape(n, k).to(dtype)
+        return w.reshape(n, k)[:, :spec.in_features].to(dtype)
 
 
 @register_format

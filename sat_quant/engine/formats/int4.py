@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, register_format, unpack_nibbles
+from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, pad_columns, pad_hessian, register_format, unpack_nibbles
 from .int4_search import MIN_SCALE, choose_int4
 
 
@@ -42,7 +42,7 @@ class Int4Grouped(WeightFormat):
         return tensors["scale"].float(), tensors["zero"].float()
 
     def layout(self, spec: LayerSpec) -> TensorLayout:
-        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        n, k, g = spec.out_features, spec.padded_in_features, spec.num_groups
         return {"qweight": ((n, k // 2), torch.uint8),
                 "scale": ((n, g), torch.float16),
                 "zero": ((n, g), torch.uint8)}
@@ -50,14 +50,15 @@ class Int4Grouped(WeightFormat):
     def quantize(self, weight: torch.Tensor, spec: LayerSpec, *, hessian: Optional[torch.Tensor] = None,
                  search: bool = False, damp: float = 0.1, act_order: bool = True) -> Dict[str, torch.Tensor]:
         """Round-to-nearest, or searched scales (``search``), or GPTQ with a calibration ``hessian`` [in, in]."""
-        codes, scale, zero = choose_int4(weight, spec.group_size, _fp16_scale, hessian=hessian, search=search,
-                                         damp=damp, act_order=act_order)
+        codes, scale, zero = choose_int4(pad_columns(weight, spec), spec.group_size, _fp16_scale,
+                                         hessian=pad_hessian(hessian, spec), search=search, damp=damp,
+                                         act_order=act_order)
         return {"qweight": pack_nibbles(codes).contiguous(),
                 "scale": scale.half().contiguous(), "zero": zero.to(torch.uint8).contiguous()}
 
     def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        n, k, g = spec.out_features, spec.padded_in_features, spec.num_groups
         q = unpack_nibbles(tensors["qweight"]).float().reshape(n, g, k // g)
         w = (q - tensors["zero"].float()[..., None]) * tensors["scale"].float()[..., None]
-        return w.reshape(n, k).to(dtype)
+        return w.reshape(n, k)[:, :spec.in_features].to(dtype)

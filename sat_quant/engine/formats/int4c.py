@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, register_format, unpack_nibbles
+from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, pad_columns, pad_hessian, register_format, unpack_nibbles
 from .int4_search import MIN_SCALE, choose_int4
 
 _CODE_MAX = 255.0  # the largest 8-bit scale code; the row's largest group scale is code 255
@@ -76,7 +76,7 @@ class Int4Compact(WeightFormat):
         return group_scales(tensors), group_zeros(tensors, spec.num_groups).float()
 
     def layout(self, spec: LayerSpec) -> TensorLayout:
-        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        n, k, g = spec.out_features, spec.padded_in_features, spec.num_groups
         return {"qweight": ((n, k // 2), torch.uint8),
                 "scale": ((n, g), torch.uint8),
                 "zero": ((n, (g + 1) // 2), torch.uint8),
@@ -85,9 +85,10 @@ class Int4Compact(WeightFormat):
     def quantize(self, weight: torch.Tensor, spec: LayerSpec, *, hessian: Optional[torch.Tensor] = None,
                  search: bool = True, damp: float = 0.1, act_order: bool = True) -> Dict[str, torch.Tensor]:
         """Searched scales/zeros (default; ``search=False``: round to nearest), GPTQ with a ``hessian`` [in, in]."""
+        weight = pad_columns(weight, spec)  # zero columns change no group's range: [min(w, 0), max(w, 0)]
         row = _row_scale(weight, spec.group_size)
-        codes, scale, zero = choose_int4(weight, spec.group_size, _rounder(row), hessian=hessian, search=search,
-                                         damp=damp, act_order=act_order)
+        codes, scale, zero = choose_int4(weight, spec.group_size, _rounder(row), hessian=pad_hessian(hessian, spec),
+                                         search=search, damp=damp, act_order=act_order)
         zero = zero.to(torch.uint8)
         if zero.shape[1] % 2:  # an odd group count: pad one zero-point so they pack two to a byte
             zero = torch.cat([zero, torch.zeros_like(zero[:, :1])], dim=1)
@@ -98,8 +99,8 @@ class Int4Compact(WeightFormat):
 
     def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k, g = spec.out_features, spec.in_features, spec.num_groups
+        n, k, g = spec.out_features, spec.padded_in_features, spec.num_groups
         q = unpack_nibbles(tensors["qweight"]).float().reshape(n, g, k // g)
         zero = group_zeros(tensors, g).float()
         w = (q - zero[..., None]) * group_scales(tensors)[..., None]
-        return w.reshape(n, k).to(dtype)
+        return w.reshape(n, k)[:, :spec.in_features].to(dtype)
