@@ -18,11 +18,15 @@ The public API, by job (README.md has runnable examples):
 
 Everything else is reachable in its layer (``sat_quant.engine``, ``.algorithms``, ``.io``, ``.sat``, ``.tools``; see
 docs/ARCHITECTURE.md). Names are imported on first use, so ``import sat_quant`` does not import SAT or deepspeed.
+Once SAT is imported, its own ``AutoModel.from_pretrained``, ``Model.from_pretrained`` and ``load_checkpoint``
+(``--load``) read sat_quant checkpoints too (:mod:`sat_quant.sat.native`).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any, List
+
+import wrapt
 
 from ._version import __version__ as __version__
 from .errors import CheckpointError as CheckpointError
@@ -46,6 +50,14 @@ _LAZY = {
     "oom_guidance": "oom", "QuantOutOfMemoryError": "oom",
     "apply_cpu_compat": "sat.compat", "install_xformers_cpu_fallback": "sat.compat",
 }
+
+
+def _install_sat_loaders(sat_module: Any) -> None:
+    """Runs once SAT is imported (now, if it already is): SAT's own loaders then read sat_quant checkpoints."""
+    importlib.import_module(".sat.native", __name__).install(sat_module)
+
+
+wrapt.register_post_import_hook(_install_sat_loaders, "sat")
 
 
 def __getattr__(name: str) -> Any:

@@ -92,6 +92,24 @@ def saved_model_parallel_size(model_config: Dict[str, Any], where: str) -> int:
     return value
 
 
+#: appended to model_class in a quantized checkpoint's model_config.json: SAT's AutoModel, without sat_quant,
+#: then stops with "model_class X (...) not found." naming the fix, instead of a wall of missing keys
+MODEL_CLASS_NOTE = " (a sat_quant checkpoint: pip install sat-quant, then import sat_quant before loading it)"
+
+
+def saved_model_class(name: Any, quantized: bool) -> Any:
+    """The ``model_class`` value written to model_config.json (the class name, plus the note when quantized)."""
+    if not isinstance(name, str):
+        return name
+    base = base_model_class(name)
+    return base + MODEL_CLASS_NOTE if quantized else base
+
+
+def base_model_class(name: str) -> str:
+    """The SAT class name a ``model_class`` value stands for (without sat_quant's note)."""
+    return name.split(" ", 1)[0]
+
+
 def checkpoint_tensor_path(load_dir: str, iteration: int, rank: int) -> str:
     """The tensor file of this rank: sat_quant's safetensors, else SAT's own .pt (e.g. from SAT's save_checkpoint)."""
     st = state_file(load_dir, iteration, rank, ".safetensors")
@@ -105,4 +123,4 @@ def checkpoint_tensor_path(load_dir: str, iteration: int, rank: int) -> str:
 
 
 __all__ = ["state_file", "model_parallel_rank", "barrier", "read_latest", "read_model_config", "saved_model_parallel_size",
-           "checkpoint_tensor_path"]
+           "checkpoint_tensor_path", "MODEL_CLASS_NOTE", "saved_model_class", "base_model_class"]

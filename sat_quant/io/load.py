@@ -15,7 +15,6 @@ from torch import nn
 from ..engine.layers import QuantLinear
 from ..engine.replace import release_freed_memory
 from ..errors import CheckpointError
-from .manifest import STUB_KEY
 from .save import saved_tensors
 from .tensorfile import TensorSource
 
@@ -66,9 +65,6 @@ def load_into(model: nn.Module, source: TensorSource, *, strict: bool = True) ->
 def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -> None:
     """Raise CheckpointError unless ``source`` holds exactly the tensors ``model`` needs (names, shapes, dtypes)."""
     have = source.layout()
-    if STUB_KEY in have:
-        raise CheckpointError(f"{source.path} is sat_quant's stub; its tensors are in the .safetensors file next "
-                              f"to it (load with sat_quant.from_pretrained).")
     want = expected_layout(model)
     problems: List[str] = []
     quant_prefixes = {}

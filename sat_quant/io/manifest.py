@@ -21,10 +21,9 @@ from ..engine.lora import LoraQuantLinear
 from ..errors import CheckpointError, QuantConfigError
 from .commit import write_json_atomic
 from .layout import checkpoint_tensor_path, state_file
-from .tensorfile import TensorSource, sha256_file, write_tensor_file
+from .tensorfile import TensorSource, sha256_file, write_stub, write_tensor_file
 
 FORMAT_VERSION = 1
-STUB_KEY = "SAT_QUANT_CHECKPOINT__load_it_with_sat_quant.from_pretrained"
 
 
 # -- the quantization block -----------------------------------------------------------------------
@@ -81,11 +80,6 @@ def describe_block(block: Dict[str, Any]) -> str:
 
 
 # -- writing one rank's files ----------------------------------------------------------------------
-
-def write_stub(path: str) -> None:
-    """The ``.pt`` SAT looks for: no weights, one key that names sat_quant when an unpatched SAT loads it."""
-    torch.save({"module": {STUB_KEY: torch.zeros(0)}, "sat_quant_format_version": FORMAT_VERSION}, path)
-
 
 def tensor_table(tensors: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, Any]]:
     return {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for name, t in tensors.items()}
@@ -168,6 +162,6 @@ def verify_tensor_file(path: str, manifest: Dict[str, Any], checksum: bool = Tru
                               f"the checkpoint.")
 
 
-__all__ = ["FORMAT_VERSION", "STUB_KEY", "find_quant_config", "quantization_block", "config_from_block",
-           "describe_block", "write_stub", "tensor_table", "write_rank_files", "read_manifest", "verify_tensor_file",
+__all__ = ["FORMAT_VERSION", "find_quant_config", "quantization_block", "config_from_block",
+           "describe_block", "tensor_table", "write_rank_files", "read_manifest", "verify_tensor_file",
            "open_rank_source"]

@@ -30,7 +30,7 @@ from .commit import (
     write_json_atomic,
     write_text_atomic,
 )
-from .layout import barrier, model_parallel_rank, state_file
+from .layout import barrier, model_parallel_rank, saved_model_class, state_file
 from .manifest import quantization_block, write_rank_files
 
 
@@ -125,7 +125,13 @@ def _save_failed(exc: BaseException, final_dir: str, save_dir: str, committed: b
 
 
 def write_folder_config(folder: str, model_config: Dict[str, Any], iteration: int) -> None:
-    """model_config.json, then ``latest``: the two files that make a folder of iteration files a SAT checkpoint."""
+    """model_config.json, then ``latest``: the two files that make a folder of iteration files a SAT checkpoint.
+
+    A quantized checkpoint's ``model_class`` carries a note naming sat_quant (see ``saved_model_class``).
+    """
+    if "model_class" in model_config:
+        model_config = dict(model_config, model_class=saved_model_class(model_config["model_class"],
+                                                                        bool(model_config.get("quantization"))))
     write_json_atomic(os.path.join(folder, "model_config.json"), model_config)
     write_text_atomic(os.path.join(folder, "latest"), str(iteration))
 

@@ -127,6 +127,25 @@ def _numpy_rng_globals() -> list:
         return []
 
 
+#: what any ``torch.load`` of sat_quant's ``.pt`` stub stops with (see ``write_stub``)
+STUB_MESSAGE = ("this is a sat_quant checkpoint (its tensors are in the .safetensors file beside this .pt): "
+                "pip install sat-quant, then import sat_quant before loading it")
+
+
+class _StubRefusal:
+    """Pickles as ``torch.device(STUB_MESSAGE)``: weights_only loading allows the call and it raises
+    ``Invalid device string: '<STUB_MESSAGE>'``, so SAT without sat_quant stops with that one sentence (not a
+    list of missing keys) and no code of ours is referenced by the pickle."""
+
+    def __reduce__(self):
+        return (torch.device, (STUB_MESSAGE,))
+
+
+def write_stub(path: str) -> None:
+    """The ``.pt`` SAT looks for beside the tensors: loading it fails at once with ``STUB_MESSAGE``."""
+    torch.save({"module": _StubRefusal()}, path)
+
+
 def torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
     """A SAT .pt, memory-mapped and with weights_only=True: a pickle that would run code is refused."""
     import pickle
@@ -144,12 +163,13 @@ def torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError) as exc:
         if is_out_of_memory(exc):
             raise  # an allocation failure, not a damaged file: oom_guidance around the step explains it
+        if STUB_MESSAGE in str(exc):
+            raise CheckpointError(f"{path} is sat_quant's stub for SAT, not the tensors: they are in the .safetensors "
+                                  f"file beside it, which is missing with its manifest; restore them or re-save.") from None
         raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({exc}); it may be truncated.") from None
     if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
         raise CheckpointError(f"{path} is not a SAT checkpoint (expected a dict with a 'module' state dict).")
     return sd["module"]
 
 
-
-
-__all__ = ["sha256_file", "write_tensor_file", "TensorSource", "torch_load_safely"]
+__all__ = ["sha256_file", "write_tensor_file", "TensorSource", "torch_load_safely", "write_stub", "STUB_MESSAGE"]

@@ -11,17 +11,27 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from sat.arguments import overwrite_args_by_dict, update_args_with_file
+from sat.model.base_model import BaseModel
 from sat.model.base_model import get_model as sat_get_model
 from sat.model.registry import model_registry
-from sat.training.model_io import load_checkpoint
+from sat.training.model_io import load_checkpoint as sat_load_checkpoint
 from torch import nn
 
 from ..engine.config import QuantConfig
+from ..engine.layers import QuantLinear
+from ..engine.replace import quantize_
 from ..errors import CheckpointError, QuantConfigError
-from ..io.layout import model_parallel_rank, read_latest, read_model_config, saved_model_parallel_size, state_file
+from ..io.layout import (
+    base_model_class,
+    model_parallel_rank,
+    read_latest,
+    read_model_config,
+    saved_model_parallel_size,
+    state_file,
+)
 from ..io.load import check_fits, check_sizes_against_table, fill
 from ..io.manifest import config_from_block, describe_block, read_manifest
 from ..io.parallel import agree_across_ranks, open_checkpoint_source, power_of_two
@@ -36,6 +46,8 @@ def model_class_for(model_cls, model_config: Dict[str, Any], path: str):
     if model_cls is not None:
         return model_cls
     name = model_config.get("model_class")
+    if isinstance(name, str):
+        name = base_model_class(name)
     if isinstance(name, str) and name.startswith("Quantized") and name not in model_registry.member:
         name = name[len("Quantized"):]  # saved by a quantized_class(): rebuild from its base class
     try:
@@ -112,35 +124,25 @@ def _check_model_parallel_sizes(path: str, saved_mp: int, args: argparse.Namespa
 
 
 def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = None, *,
-                    overwrite_args: Optional[Dict[str, Any]] = None, verify: bool = True,
-                    **kwargs) -> Tuple[nn.Module, argparse.Namespace]:
+                    overwrite_args: Optional[Dict[str, Any]] = None, verify: bool = True, build_only: bool = False,
+                    iteration: Optional[int] = None, **kwargs) -> Tuple[nn.Module, argparse.Namespace]:
     """Load a SAT checkpoint directory, quantized or full precision (+ ``--quant``), into a quantized model.
 
     Same contract as SAT's ``Model.from_pretrained(name, args, overwrite_args=...)``: returns
     ``(model, args)`` with args updated from model_config.json. ``model_cls=None`` picks the class
     named in model_config.json (as SAT's ``AutoModel`` does). Checkpoints are read with
     safetensors or ``torch.load(weights_only=True, mmap=True)``; nothing pickled is executed.
-    On any error the partly built model is dropped: nothing half-loaded is returned.
+    On any error the partly built model is dropped: nothing half-loaded is returned. ``build_only`` builds the
+    (quantized) model without reading weights; ``iteration`` loads another iteration than ``latest`` names.
     """
     path = name
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory; sat_quant loads local SAT checkpoint directories "
                               f"only (it never downloads). For a SAT model name, download and unzip the checkpoint "
                               f"and pass its folder (SAT keeps them in $SAT_HOME/NAME, default ~/.sat_models).")
-    model_config = read_model_config(path)
-    iteration = read_latest(path)
-    rank, _ = model_parallel_rank()
-    manifest = read_manifest(path, iteration, rank)
-    block_file = os.path.join(path, "model_config.json")
-    if manifest is not None and manifest.get("quantization"):
-        block_file = state_file(path, iteration, rank, ".manifest.json")
-    block = (manifest or {}).get("quantization") or model_config.get("quantization")
-    if manifest is not None and isinstance(manifest.get("model_config"), dict):
-        # this iteration's own config: model_config.json may already describe a newer save that was
-        # killed before it could update 'latest'
-        model_config = dict(manifest["model_config"], quantization=block)
-    if block:
-        config_from_block(block, where=block_file)  # an unreadable block is named by its file, first
+    saved = read_saved_state(path, iteration)
+    model_config, iteration, manifest, block, block_file = (saved.model_config, saved.iteration, saved.manifest,
+                                                            saved.block, saved.block_file)
     user_config = config_from_args(args) if args is not None else None
     if block:
         _check_contradiction(user_config, block, path, args)
@@ -163,7 +165,10 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
     config = validate_quant_args(new_args)
     if config is None:
         model = sat_get_model(new_args, cls, **kwargs)
-        load_checkpoint(model, new_args, load_path=path)
+        if manifest is not None and not build_only:  # sat_quant's safetensors, full precision
+            _fill_from(model, path, iteration, saved_model_parallel_size(model_config, block_file), verify)
+        elif not build_only:
+            sat_load_checkpoint(model, new_args, load_path=path, specific_iteration=iteration)
         return model, new_args
 
     saved_mp = saved_model_parallel_size(model_config, block_file)
@@ -173,16 +178,82 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
         # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
         model = build_quantized(new_args, cls, config, **kwargs)
         attach_lora_from_args(model, new_args)  # a QLoRA checkpoint: its adapters (quant_lora in the config)
-
-        def open_and_check():
-            source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
-            check_fits(model, source)
-            return source
-
-        source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
-        fill(model, source)
+        if not build_only:
+            _fill_from(model, path, iteration, saved_mp, verify)
     new_args.model_parallel_size = model_parallel_rank()[1]
     return model, new_args
 
 
-__all__ = ["from_pretrained", "model_class_for", "args_from_checkpoint"]
+def _fill_from(model: nn.Module, path: str, iteration: int, saved_mp: int, verify: bool) -> None:
+    """Check that the checkpoint holds exactly what ``model`` needs (on every rank alike), then copy it in."""
+    def open_and_check():
+        source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
+        check_fits(model, source)
+        return source
+
+    source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
+    fill(model, source)
+
+
+class SavedState(NamedTuple):
+    """What a checkpoint folder says about one iteration, read and checked before anything is built."""
+    model_config: Dict[str, Any]
+    iteration: int
+    manifest: Optional[Dict[str, Any]]
+    block: Optional[Dict[str, Any]]
+    block_file: str
+
+
+def read_saved_state(path: str, iteration: Optional[int] = None) -> SavedState:
+    """model_config.json, the iteration (``latest`` unless given), this rank's manifest and the quantization block.
+
+    The manifest's own copy of the config wins: model_config.json may already describe a newer save that was
+    killed before it could update 'latest'.
+    """
+    model_config = read_model_config(path)
+    if iteration is None:
+        iteration = read_latest(path)
+    rank, _ = model_parallel_rank()
+    manifest = read_manifest(path, iteration, rank)
+    block_file = os.path.join(path, "model_config.json")
+    if manifest is not None and manifest.get("quantization"):
+        block_file = state_file(path, iteration, rank, ".manifest.json")
+    block = (manifest or {}).get("quantization") or model_config.get("quantization")
+    if manifest is not None and isinstance(manifest.get("model_config"), dict):
+        model_config = dict(manifest["model_config"], quantization=block)
+    if block:
+        config_from_block(block, where=block_file)  # an unreadable block is named by its file, first
+    return SavedState(model_config, iteration, manifest, block, block_file)
+
+
+def load_into_built_model(model: nn.Module, path: str, args: Optional[argparse.Namespace] = None, *,
+                          prefix: str = "", iteration: Optional[int] = None, verify: bool = True) -> int:
+    """Fill an already built SAT model from a sat_quant checkpoint: SAT's ``load_checkpoint`` contract, used for
+    ``--load`` in ``training_main`` and by SAT's own loaders once sat_quant is imported.
+
+    A model built in full precision is quantized in place first, to exactly the checkpoint's layer formats (the
+    model object stays the same, as ``training_main`` holds it). Returns the iteration, 0 when fine-tuning, as SAT.
+    """
+    if prefix:
+        raise CheckpointError(f"{path} is a sat_quant checkpoint; loading one part of it (prefix={prefix!r}) is not "
+                              f"supported. Load the whole checkpoint and take the submodule from the model.")
+    module = model.module if hasattr(model, "module") else model
+    saved = read_saved_state(path, iteration)
+    if saved.manifest is not None:
+        check_sizes_against_table(saved.model_config, saved.manifest["tensors"], saved.block_file)
+    saved_mp = saved_model_parallel_size(saved.model_config, saved.block_file)
+    if saved.block and not any(isinstance(m, QuantLinear) for m in module.modules()):
+        with oom_guidance(f"quantizing the model to load {path}"):
+            quantize_(module, config_from_block(saved.block, where=saved.block_file), init_std=None)
+        if isinstance(module, BaseModel) and "lora" not in module.mixins:
+            attach_lora_from_args(module, argparse.Namespace(**saved.model_config))
+    with oom_guidance(f"loading {path}", model_parallel_size=saved_mp):
+        _fill_from(module, path, saved.iteration, saved_mp, verify)
+    mode = getattr(args, "mode", "inference") if args is not None else "inference"
+    if mode == "inference":
+        module.eval()
+    return 0 if mode == "finetune" else saved.iteration
+
+
+__all__ = ["from_pretrained", "model_class_for", "args_from_checkpoint", "load_into_built_model", "read_saved_state",
+           "SavedState"]

@@ -14,6 +14,7 @@ from sat.arguments import update_args_with_file
 from ..engine.config import QuantConfig
 from ..errors import QuantConfigError
 from ..io.commit import check_destination, overlap, write_text_atomic
+from ..io.layout import base_model_class
 from ..sat.args import fill_script_defaults, validate_quant_args
 from ..sat.loading import model_class_for
 from .convert import convert
@@ -111,6 +112,6 @@ def estimate_command(ns: argparse.Namespace) -> int:
     if asked is not None:
         columns["asked"] = asked
     table, _ = estimate_table(cls, args, columns, batch=ns.batch, seq=ns.seq)
-    print(f"{model_config.get('model_class')}: batch {ns.batch}, sequence {ns.seq}")
+    print(f"{base_model_class(str(model_config.get('model_class')))}: batch {ns.batch}, sequence {ns.seq}")
     print(table)
     return 0

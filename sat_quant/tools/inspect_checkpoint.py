@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..engine.formats import get_format
-from ..io.layout import checkpoint_tensor_path, read_latest, read_model_config
+from ..io.layout import base_model_class, checkpoint_tensor_path, read_latest, read_model_config
 from ..io.manifest import describe_block, read_manifest
 from ..io.tensorfile import TensorSource
 
@@ -25,7 +25,7 @@ def inspect_checkpoint(path: str) -> str:
         source = TensorSource(checkpoint_tensor_path(path, iteration, 0))
         nbytes = {k: math.prod(shape) * dt.itemsize
                   for k, (shape, dt) in source.layout().items()}
-    lines = [f"{path}: model_class {model_config.get('model_class')}, iteration {iteration}, "
+    lines = [f"{path}: model_class {base_model_class(str(model_config.get('model_class')))}, iteration {iteration}, "
              f"{describe_block(block) if block['layers'] else 'not quantized'}",
              f"{'layer':<64}{'format':>8}{'bits':>6}{'group':>7}{'bytes':>14}"]
     quant_bytes = 0
