@@ -8,7 +8,10 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List, Optional, Tuple
+import tempfile
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 from ..errors import QuantError
 from ..oom import QuantOutOfMemoryError, is_out_of_memory
@@ -33,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build a small SAT model with every format and compare with fp32")
     demo.add_argument("--seq-len", type=int, default=32)
-    demo.add_argument("--repeats", type=int, default=5)
-    demo.set_defaults(handler="demo_command")
+    demo.add_argument("--repeats", type=int, default=5, help="timed forwards per format (the median is shown)")
+    demo.set_defaults(handler="demo_command", quiet_import=True)
 
     conv = sub.add_parser("convert", help="quantize a full-precision SAT checkpoint into a sat_quant one")
     _add_src_dst(conv)
@@ -83,6 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def quiet_output(keep_lines: int = 30) -> Iterator[None]:
+    """Hold back what libraries print (SAT's and deepspeed's loggers, xformers' and torch's warnings): stdout and
+    stderr go to a temporary file at the file-descriptor level (their handlers keep the original streams). On
+    success it is dropped; on failure its last ``keep_lines`` lines are printed to stderr, then the error
+    propagates (so our own one-line error stays visible)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        failed = True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if failed:
+                log.seek(0)
+                tail = log.read().decode(errors="replace").splitlines()[-keep_lines:]
+                if tail:
+                    print("\n".join(["(log before the failure:)"] + tail), file=sys.stderr)
+
+
 #: what a failure says, and the exit status: 2 for bad input (a flag, a file, a folder), 1 for the environment
 BAD_INPUT, ENVIRONMENT = 2, 1
 
@@ -111,7 +146,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         # imported only now, after parsing: it brings torch, SAT and deepspeed (~4-18 s); --help needs none of them
-        commands = importlib.import_module("sat_quant.tools.commands")
+        if getattr(ns, "quiet_import", False):  # the demo's reader wants its table, not the libraries' banners
+            with quiet_output():
+                commands = importlib.import_module("sat_quant.tools.commands")
+        else:
+            commands = importlib.import_module("sat_quant.tools.commands")
         return getattr(commands, ns.handler)(ns)
     except Exception as exc:  # every failure becomes one line; the debug switch gives the traceback
         if os.environ.get("SAT_QUANT_DEBUG") == "1":
