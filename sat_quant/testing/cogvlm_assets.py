@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import io
 import json
 import os
@@ -42,6 +43,22 @@ RUN_ARGS: Dict[str, Any] = dict(
 #: CogVLM builds these mixins with ``skip_init=True`` (they expect a checkpoint): fill them for a fresh model
 SKIP_INIT_MIXINS = ("mlp", "rotary")
 EXPERT_INIT_STD = 0.01  # LLaMAModel's init_method_std
+
+#: CogAgent = the tiny CogVLM above + cross-attention in every layer over a high-resolution tower. The cross tower's
+#: output width is fixed at 1024 by upstream (``ExternalVisionModel.pos_embed``), as is its EVA2-CLIP-L block shape;
+#: ``cross_attn_hidden_size`` is that width, ``cross_hidden_size_per_attention_head`` x heads the cross compute size
+#: (public CogAgent: 32 x 32 = 1024; tiny: 4 x 32 = 128).
+TINY_COGAGENT_ARGS: Dict[str, Any] = dict(
+    cross_image_pix=28, is_decoder=True, cross_attn_hidden_size=1024, cross_hidden_size_per_attention_head=32,
+    image_length=16,
+)
+#: the low-resolution EVA2-CLIP-E tower of the tiny CogAgent: one block over a 56 px image (16 patches), which keeps
+#: a whole forward well under a second while every layer type stays (hidden 1792 is fixed, as for CogVLM)
+TINY_COGAGENT_EVA_ARGS: Dict[str, Any] = dict(num_layers=1, image_size=[56, 56], max_sequence_length=17)
+#: ``Eva2LargeEncoder`` hard-codes EVA2-CLIP-L (24 blocks of width 1024, 300M parameters); the tiny CogAgent keeps
+#: one real block of that shape, so its SwiGLU ``mlp.w3`` keeps in_features 2730 (= int(1024 * 2.6667), a multiple
+#: of no 4-bit group: the ragged layout of docs/FORMAT.md is exercised by every 4-bit test).
+TINY_CROSS_LAYERS = 1
 
 _WORDS = ("the a an cat dog bird image picture photo shows of red green blue yellow black white small large "
           "house tree car person man woman sitting standing on in with and is are what this that describe "
@@ -104,6 +121,72 @@ def save_tiny_checkpoint(out_dir: str, cogvlm_dir: Optional[str] = None, seed: i
     args.save = out_dir
     save_checkpoint(1, model, None, None, args)
     return model, args
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_cogagent_class(cogvlm_dir: Optional[str] = None) -> type:
+    """``TinyCogAgentModel``: upstream's real ``CogAgentModel`` whose cross tower has ``TINY_CROSS_LAYERS`` blocks.
+
+    Upstream builds the tower from a hard-coded config (``eva_clip_L_hf.Eva2LargeEncoder``) that no argument
+    shrinks; this subclass swaps that class for one that builds the same ``EVAVisionTransformer`` with fewer blocks,
+    during ``__init__`` only. Everything else (mixins, the rebuilt ``mlp`` mixin, cross-attention, forward) is
+    CogAgent's own. Defining it registers the name in SAT's model registry, so checkpoints saved from it load by
+    ``model_class`` (``tests/cogagent_fixture.py`` defines it on import: pass that module to ``--import``).
+    """
+    import_cogvlm(cogvlm_dir)
+    from torch import nn
+    from utils.models import cogagent_model, eva_clip_L_hf  # noqa: E402  (the checkout's own modules)
+
+    class TinyEva2LargeEncoder(eva_clip_L_hf.Eva2LargeEncoder):
+        def __init__(self, image_size: int = 224) -> None:
+            nn.Module.__init__(self)
+            probe = copy.deepcopy(_EVA2_L_CONFIG)
+            probe["vision_cfg"].update(image_size=image_size, layers=TINY_CROSS_LAYERS)
+            self.config = probe
+            self.model = eva_clip_L_hf._build_vision_tower(**self.config)
+
+    class TinyCogAgentModel(cogagent_model.CogAgentModel):
+        def __init__(self, args, transformer=None, **kwargs):
+            full = cogagent_model.Eva2LargeEncoder
+            cogagent_model.Eva2LargeEncoder = TinyEva2LargeEncoder
+            try:
+                super().__init__(args, transformer=transformer, **kwargs)
+            finally:
+                cogagent_model.Eva2LargeEncoder = full
+
+    return TinyCogAgentModel
+
+
+#: upstream's EVA2-CLIP-L config (``Eva2LargeEncoder.__init__``), read by the tiny tower; checked against it in tests
+_EVA2_L_CONFIG: Dict[str, Any] = {
+    "embed_dim": 768,
+    "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "drop_path_rate": 0, "head_width": 64,
+                   "mlp_ratio": 2.6667, "patch_size": 14, "eva_model_name": "eva-clip-l-14-336", "xattn": True,
+                   "fusedLN": True, "rope": True, "pt_hw_seq_len": 16, "intp_freq": True, "naiveswiglu": True,
+                   "subln": True},
+}
+
+
+def tiny_cogagent_args(cogvlm_dir: Optional[str] = None, **overrides: Any) -> argparse.Namespace:
+    """SAT args for the tiny CogAgent: the tiny CogVLM's plus ``TINY_COGAGENT_ARGS`` (through ``get_args``)."""
+    cls = tiny_cogagent_class(cogvlm_dir)
+    eva = dict(copy.deepcopy(TINY_EVA_ARGS), **TINY_COGAGENT_EVA_ARGS)
+    eva.update(overrides.pop("eva_args", None) or {})
+    kw = dict(TINY_LM_ARGS, **TINY_COGAGENT_ARGS, **RUN_ARGS)
+    kw.update(overrides)
+    kw["eva_args"] = eva
+    return cls.get_args(**kw)
+
+
+def tiny_cross_inputs(seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                      cross_image_pix: int = TINY_COGAGENT_ARGS["cross_image_pix"]) -> Dict[str, Any]:
+    """The ``cross_*`` keyword arguments CogAgent's ``chat`` adds to a CogVLM prompt from its cross image processor
+    (``utils/utils/vision.py``): image [1, 3, pix, pix] in the model's dtype, input_ids [[0]], position_ids None,
+    attention_mask [[1]] (``CogAgentModel.forward`` passes the mask on as ``cross_attention_mask``)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return dict(cross_image=torch.randn(1, 3, cross_image_pix, cross_image_pix, generator=gen).to(dtype),
+                cross_input_ids=torch.zeros(1, 1, dtype=torch.long), cross_position_ids=None,
+                cross_attention_mask=torch.ones(1, 1, dtype=torch.long))
 
 
 def make_tokenizer(out_dir: str, vocab_size: int = 600, seed: int = 0) -> str:
