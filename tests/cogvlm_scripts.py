@@ -41,7 +41,7 @@ def patched_checkout(cogvlm_dir: Path, dest: Path) -> Path:
 
 
 def run_script(checkout: Path, script: str, argv: List[str], stdin: str = "", *, nproc: int = 0,
-               timeout: int = 240) -> subprocess.CompletedProcess:
+               timeout: int = 240, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """Run ``script`` (relative to the checkout) with python, or under ``torchrun --nproc_per_node nproc``."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -49,7 +49,7 @@ def run_script(checkout: Path, script: str, argv: List[str], stdin: str = "", *,
     else:
         cmd = [sys.executable, script] + argv
     return subprocess.run(cmd, cwd=checkout, input=stdin, capture_output=True, text=True, timeout=timeout,
-                          env=script_env())
+                          env=script_env(env))
 
 
 def answers(stdout: str) -> List[str]:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, QuantConfigError
+from ..engine.kernels.build import cache_root
+from ..errors import CheckpointError
 from ..io.layout import read_model_config
 from ..oom import oom_guidance
 from ..sat.args import config_from_args, fill_script_defaults, validate_quant_args
@@ -22,19 +25,11 @@ from ..sat.build import build_on_meta
 from ..sat.compat import apply_cpu_compat, install_xformers_cpu_fallback
 from ..sat.loading import from_pretrained, model_class_for
 from .estimate import estimate_runtime, estimate_weights
+from .script_guard import check_model_parallel_fits, resolve_checkpoint
 
-
-def resolve_checkpoint(name: str) -> str:
-    """A local checkpoint folder as is; a model name only where SAT has already unpacked it (``$SAT_HOME/name``,
-    default ``~/.sat_models``). Never downloads: an unknown name is one sentence saying where to get it."""
-    if os.path.isdir(name):
-        return name
-    cached = os.path.join(os.path.expanduser(os.getenv("SAT_HOME", "~/.sat_models")), name)
-    if os.path.isdir(cached):
-        return cached
-    raise QuantConfigError(f"--from_pretrained {name}: no such folder, and not in SAT's model folder ({cached}); "
-                           f"sat_quant never downloads. Download the checkpoint (CogVLM's README links cogvlm-chat, "
-                           f"cogagent-chat, ...), unzip it, and pass its folder: --from_pretrained /path/to/{name}.")
+__all__ = ["check_model_parallel_fits", "default_device", "generation_guard", "is_quantized_checkpoint",
+           "load_for_inference", "load_model", "merge_command", "model_dtype", "note_deepspeed_cpu_build",
+           "resolve_checkpoint", "script_namespace"]
 
 
 def default_device() -> str:
@@ -57,32 +52,6 @@ def script_namespace(args: argparse.Namespace, *, rank: int, world_size: int, de
                                   use_gpu_initialization=False, device=device)
     values.update({k: v for k, v in vars(args).items() if k not in values})
     return argparse.Namespace(**values)
-
-
-_PARTITIONED_SIZES = ("num_attention_heads", "inner_hidden_size")  # what SAT's parallel layers divide by mp
-
-
-def check_model_parallel_fits(model_config: Dict[str, Any], world_size: int, where: str = "model_config.json") -> None:
-    """Refuse a model-parallel size that does not divide the heads (or MLP width) of every tower, before SAT's
-    bare ``divide`` assertion fires deep inside the build. Nested configs (``eva_args``, ...) are checked too."""
-    if world_size <= 1:
-        return
-    sizes = []
-
-    def visit(config: Dict[str, Any], prefix: str) -> None:
-        for key, value in config.items():
-            if isinstance(value, dict):
-                visit(value, f"{prefix}{key}.")
-            elif key in _PARTITIONED_SIZES and isinstance(value, int) and value > 0:
-                sizes.append((f"{prefix}{key}", value))
-
-    visit(model_config, "")
-    problems = [f"{name}={value}" for name, value in sizes if value % world_size]
-    if problems:
-        fits = [n for n in (1, 2, 4, 8, 16) if all(value % n == 0 for _, value in sizes)]
-        raise QuantConfigError(f"model-parallel size {world_size} (WORLD_SIZE / --nproc_per_node) does not divide "
-                               f"{', '.join(problems)} in {where}; each rank must hold whole attention heads. "
-                               f"Use torchrun --nproc_per_node {fits[-1]} or another size that divides them.")
 
 
 def _weight_estimate(path: str, ns: argparse.Namespace):
@@ -173,3 +142,40 @@ def generation_guard(model: nn.Module, model_args: argparse.Namespace, max_lengt
                         quant_bits=getattr(model_args, "quant", None),
                         model_parallel_size=int(getattr(model_args, "model_parallel_size", 1) or 1),
                         generating=True)
+
+
+#: the op deepspeed compiles with g++ the first time it starts on CPU (deepspeed.comm.torch.build_shm_op)
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"
+
+
+def deepspeed_cpu_op_path() -> str:
+    """Where torch's extension loader keeps deepspeed's CPU op once built (``torch.utils.cpp_extension``'s layout:
+    ``$TORCH_EXTENSIONS_DIR/NAME``, else ``~/.cache/torch_extensions/py311_cu130/NAME``)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        root = os.environ["TORCH_EXTENSIONS_DIR"]
+    else:
+        accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                 f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(os.path.realpath(str(cache_root())), f"{py}_{accel}")
+    return os.path.join(root, DEEPSPEED_CPU_OP, f"{DEEPSPEED_CPU_OP}.so")
+
+
+def note_deepspeed_cpu_build() -> bool:
+    """On CPU, deepspeed compiles its shared-memory communication op the first time it starts: minutes with no
+    output. Say so first (rank 0). Returns whether the note was printed."""
+    if torch.cuda.is_available() or os.path.isfile(deepspeed_cpu_op_path()):
+        return False
+    if int(os.environ.get("RANK", 0) or 0) == 0:
+        print(f"Note: deepspeed compiles its CPU communication op ({DEEPSPEED_CPU_OP}) now, once: about 3 minutes "
+              f"with no output on a small CPU. Later runs reuse {os.path.dirname(deepspeed_cpu_op_path())}.",
+              flush=True)
+    return True
+
+
+def merge_command(checkpoint: str, cogvlm_root: str) -> str:
+    """The ``sat-quant merge-lora`` command for a QLoRA checkpoint, runnable from any folder (absolute paths; the
+    CogVLM checkout on PYTHONPATH so ``--import utils.models`` finds the model classes)."""
+    src = os.path.abspath(checkpoint)
+    return (f"PYTHONPATH={shlex.quote(os.path.abspath(cogvlm_root))} sat-quant merge-lora {shlex.quote(src)} "
+            f"{shlex.quote(src + '-merged')} --import utils.models")

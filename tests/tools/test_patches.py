@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from tests.cogvlm_fixture import COGVLM_DIR, cogvlm_available
-from tests.cogvlm_scripts import PATCHES, answers, git_apply, patched_checkout, run_script
+from tests.cogvlm_scripts import PATCHES, answers, git_apply, patched_checkout, run_script, script_env
 
 pytestmark = pytest.mark.skipif(not cogvlm_available(), reason="needs the CogVLM snapshot (../shared/cogvlm)")
 
@@ -88,11 +89,62 @@ def test_cli_demo_refuses_quant_3(cogvlm_env):
     assert result.returncode == 2 and "--quant: invalid choice: 3" in result.stderr
 
 
-def test_cli_demo_refuses_a_quant_that_contradicts_the_checkpoint(cogvlm_env):
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else ""
+
+
+def test_cli_demo_refuses_a_quant_that_contradicts_the_checkpoint_in_one_line(cogvlm_env):
     result = _chat(cogvlm_env, "--from_pretrained", cogvlm_env.q4, "--quant", "8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = _last_line(result.stderr)
+    assert last.startswith("cli_demo_sat.py: error: ") and "already quantized to 4-bit (int4" in last
+    assert "Drop the --quant flags" in last
+
+
+REFUSALS = {  # flags -> what the one line says; all refused before torch, SAT or the model code are imported
+    "fp16+bf16": (["--fp16", "--bf16"], "--fp16 and --bf16 were both given"),
+    "unknown name": (["--from_pretrained", "cogvlm-chat-no-such-model"], "sat_quant never downloads"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_cli_demo_refuses_bad_flags_in_one_line_before_the_heavy_imports(cogvlm_env, case):
+    flags, said = REFUSALS[case]
+    # run the script as python would, then list the heavy modules that were imported when it exited
+    code = ("import runpy, sys\n"
+            "sys.argv = ['basic_demo/cli_demo_sat.py'] + sys.argv[1:]\n"
+            "try:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "finally:\n"
+            "    print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'sat', 'deepspeed'}))\n")
+    argv = [sys.executable, "-c", code, "--local_tokenizer", cogvlm_env.tokenizer, *flags]
+    if "--from_pretrained" not in flags:
+        argv += ["--from_pretrained", cogvlm_env.q4]
+    result = subprocess.run(argv, cwd=cogvlm_env.checkout, capture_output=True, text=True, timeout=120,
+                            env=script_env())
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("cli_demo_sat.py: error: ")
+    assert said in result.stderr and "HEAVY []" in result.stdout
+
+
+def test_sat_quant_debug_shows_the_traceback(cogvlm_env):
+    result = run_script(cogvlm_env.checkout, "basic_demo/cli_demo_sat.py", ["--fp16", "--bf16"],
+                        env={"SAT_QUANT_DEBUG": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr and "QuantConfigError" in result.stderr
+
+
+def test_under_torchrun_the_refusal_is_said_once_and_last(cogvlm_env):
+    """Two ranks refuse the same contradicting --quant (after loading SAT): rank 0's line goes into torchrun's
+    error file, so torchrun's own summary ends with it as the root cause; rank 1 says nothing and exits 2."""
+    result = _chat(cogvlm_env, "--from_pretrained", cogvlm_env.q4, "--quant", "8", nproc=2)
+    out = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "already quantized to 4-bit (int4" in result.stderr and "Drop the --quant flags" in result.stderr
-    assert "Traceback" not in result.stderr.split("QuantConfigError")[-1]  # the error is the last word
+    assert out.count("already quantized to 4-bit") == 1, out[-4000:]
+    root_cause = out.split("Root Cause (first observed failure):", 1)[1]
+    assert "rank      : 0" in root_cause and "cli_demo_sat.py: error: " in root_cause
+    assert "already quantized to 4-bit" in root_cause and "Drop the --quant flags" in root_cause
+    assert out.count("Traceback (most recent call last)") == 1  # torchrun's own; none from the ranks
+    assert "exitcode  : -15" not in out  # rank 1 stopped with the refusal's status, not as a signal
 
 
 def test_model_parallel_size_that_does_not_divide_the_heads_is_refused_before_building(cogvlm_env):
@@ -120,7 +172,7 @@ def test_unpatched_sat_loader_refuses_a_quantized_checkpoint_and_names_sat_quant
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env(),
                             timeout=120)
     assert result.returncode != 0
-    assert "load_it_with_sat_quant.from_pretrained" in result.stdout + result.stderr
+    assert "import sat_quant" in result.stdout + result.stderr  # the one sentence naming the fix
 
 
 def test_web_demo_load_model_and_post_answer_with_int4(cogvlm_env):
