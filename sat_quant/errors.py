@@ -15,3 +15,8 @@ class QuantBackendError(QuantError, RuntimeError):
 
 class CheckpointError(QuantError, RuntimeError):
     """A checkpoint cannot be saved or loaded; the message names the file and the fix."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A writer could not write its destination (a read-only folder, a full disk, a file-size limit): the environment,
+    not the input. The destination is left as it was; the message says what to fix."""

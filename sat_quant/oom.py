@@ -7,6 +7,7 @@ original error stays attached as ``__cause__``. Anything that is not an allocati
 """
 from __future__ import annotations
 
+import errno
 import os
 import resource
 from contextlib import contextmanager
@@ -28,9 +29,12 @@ class QuantOutOfMemoryError(QuantError, MemoryError):
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for torch's OutOfMemoryError, Python's MemoryError and the CPU allocator's RuntimeError."""
     import torch  # this module stays importable without torch: the CLI's error path uses it
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or getattr(exc, "errno", None) == errno.ENOMEM:
+        return True  # ENOMEM: an mmap (torch.load's, safetensors') or a thread refused under an address-space limit
+    text = str(exc).lower()
+    if f"(os error {errno.ENOMEM})" in text:  # safetensors' own error type around a failed mmap
         return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+    return isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MARKERS)
 
 
 def _gib(nbytes: float) -> str:

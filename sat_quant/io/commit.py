@@ -3,7 +3,8 @@
 Every writer (save_checkpoint, convert, dequantize, reshard, merge-lora, plan ``-o``) goes through here:
 
 - ``check_destination`` refuses, before any work, a DST that is SRC, resolves to it, lies inside it or holds it,
-  and a non-empty DST without ``--overwrite``;
+  a non-empty DST without ``--overwrite``, and a DST this process could not replace (``check_writable``: a
+  read-only parent, DST or folder inside it);
 - ``temporary_sibling`` names the writer's own temporary folder next to DST (``.{name}.sat-quant-tmp-{pid}``) and
   removes those a killed earlier run left behind;
 - ``publish_folder`` moves a finished folder to DST atomically (a rename, or ``renameat2(RENAME_EXCHANGE)`` when DST
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Tuple
 
 from .._libc import libc
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWriteError, QuantError
 from ..oom import is_out_of_memory
 
 TMP_MARK = ".sat-quant-tmp-"
@@ -142,6 +143,61 @@ def check_destination(dst: str, overwrite: bool, *, src: str = "", verb: str = "
     if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists and is not empty; pass --overwrite to replace it "
                               f"or choose another destination.")
+    check_writable(dst, replace=True, verb=verb)
+
+
+_EFFECTIVE = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+
+
+def _writable(folder: str) -> bool:
+    """Whether this process may create and remove entries in ``folder`` (effective ids: what the kernel checks)."""
+    return os.access(folder, os.W_OK | os.X_OK, **_EFFECTIVE)
+
+
+def existing_ancestor(path: str) -> str:
+    """``path``'s nearest existing folder (itself when it exists): where a missing chain would be created."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_writable(dst: str, *, replace: bool, verb: str = "write") -> None:
+    """Refuse, before any work, a destination this process cannot publish to and clean up after.
+
+    The folder that will hold DST (or the nearest existing one above it) must be writable, and with ``replace``
+    so must DST and every folder inside it: the old content is removed once the new one is in place, and a
+    read-only folder there would leave it half-removed beside DST.
+    """
+    parent = existing_ancestor(os.path.dirname(os.path.abspath(dst)))
+    if not _writable(parent):
+        raise CheckpointWriteError(f"{verb}: cannot write {dst}: the folder {parent} is read-only for this user; "
+                                   f"nothing was written. Make it writable (chmod u+w {parent}) or choose another "
+                                   f"destination.")
+    if replace and os.path.isfile(dst) and not os.access(dst, os.W_OK, **_EFFECTIVE):
+        raise CheckpointWriteError(f"{verb}: {dst} is read-only for this user; it was left as it is. Make it "
+                                   f"writable (chmod u+w {dst}) or choose another destination.")
+    if replace and os.path.isdir(dst) and not os.path.islink(dst):
+        for root, _dirs, _files in os.walk(dst):
+            if not _writable(root):
+                raise CheckpointWriteError(
+                    f"{verb}: cannot replace {dst}: the folder {root} is read-only for this user, so its old "
+                    f"files could not be removed; {dst} is unchanged. Make it writable (chmod -R u+w {dst}) or "
+                    f"choose another destination.")
+
+
+def write_failed(exc: BaseException, dst: str, verb: str) -> CheckpointWriteError:
+    """A failed write (full disk, file-size limit, permissions) as one sentence: what failed, that DST is unchanged."""
+    if is_disk_full(exc):
+        why = "the disk is full"
+    elif getattr(exc, "errno", None) == errno.EFBIG:
+        why = "File too large (a file-size limit, `ulimit -f`, or the filesystem's maximum file size)"
+    else:
+        why = f"{getattr(exc, 'strerror', None) or exc}"
+        if getattr(exc, "filename", None):
+            why = f"{why} ({exc.filename})"
+    return CheckpointWriteError(f"{verb}: writing {dst} failed: {why}. {dst} is unchanged (nothing was replaced); "
+                                f"fix the cause (free space, permissions, limits) and run it again.")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,20 +266,20 @@ def staged_folder(dst: str, *, overwrite: bool, src: str = "", verb: str = "writ
     """``with staged_folder(dst, ...) as tmp:`` write a whole checkpoint folder into ``tmp``; on success it replaces
     ``dst`` atomically, on any failure ``tmp`` is removed and ``dst`` is left exactly as it was."""
     check_destination(dst, overwrite, src=src, verb=verb)
-    tmp = temporary_sibling(dst)
+    tmp = ""
     try:
+        tmp = temporary_sibling(dst)
         yield tmp
         publish_folder(tmp, dst)
-    except write_errors() as exc:
-        discard(tmp)
-        if is_out_of_memory(exc):
-            raise  # not a write failure: the caller's oom_guidance explains it
-        why = "the disk is full" if is_disk_full(exc) else f"{getattr(exc, 'strerror', None) or exc}"
-        raise CheckpointError(f"{verb}: writing {dst} failed: {why}. {dst} is unchanged (nothing was replaced); "
-                              f"fix the cause (free space, permissions) and run it again.") from exc
-    except BaseException:
-        discard(tmp)
-        raise
+    except BaseException as exc:
+        if tmp:
+            discard(tmp)
+        cause = exc.__cause__
+        if isinstance(exc, CheckpointWriteError) and isinstance(cause, write_errors()):
+            raise write_failed(cause, dst, verb) from cause  # a save into tmp failed: name DST, not tmp
+        if isinstance(exc, QuantError) or not isinstance(exc, write_errors()) or is_out_of_memory(exc):
+            raise  # sat_quant's own errors say what they mean; an allocation failure is the caller's oom_guidance's
+        raise write_failed(exc, dst, verb) from exc
 
 
 def discard(tmp: str) -> None:
@@ -232,6 +288,7 @@ def discard(tmp: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["fsync_dir", "fsync_tree", "write_text_atomic", "write_json_atomic", "exchange", "commit_iteration", "is_disk_full",
-           "write_errors", "overlap", "check_destination", "remove_stale_temporaries", "temporary_sibling",
-           "publish_folder", "staged_folder", "discard", "TMP_MARK"]
+__all__ = ["fsync_dir", "fsync_tree", "write_text_atomic", "write_json_atomic", "exchange", "commit_iteration",
+           "is_disk_full", "write_errors", "overlap", "check_destination", "check_writable", "existing_ancestor",
+           "write_failed", "remove_stale_temporaries", "temporary_sibling", "publish_folder", "staged_folder",
+           "discard", "TMP_MARK"]

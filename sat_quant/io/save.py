@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from ..engine.layers import QuantLinear
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWriteError
 from ..oom import is_out_of_memory
 from .commit import (
+    check_writable,
     commit_iteration,
     fsync_dir,
     is_disk_full,
@@ -32,6 +33,7 @@ from .commit import (
 )
 from .layout import barrier, model_parallel_rank, saved_model_class, state_file
 from .manifest import quantization_block, write_rank_files
+from .tensorfile import Layout, TensorStream
 
 
 def saved_tensors(module: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -54,6 +56,23 @@ def iter_module_tensors(model: nn.Module) -> Iterator[Tuple[nn.Module, str, Dict
             yield module, (prefix + "." if prefix else ""), local
 
 
+def expected_layout(model: nn.Module) -> Layout:
+    """Name → (shape, dtype) of every tensor a checkpoint of this model holds, in the order they are saved."""
+    out: Layout = {}
+    for prefix, module in model.named_modules():
+        pre = prefix + "." if prefix else ""
+        out.update({pre + n: (tuple(t.shape), t.dtype) for n, t in saved_tensors(module)})
+        if isinstance(module, QuantLinear):
+            out.update({pre + n: (tuple(shape), dtype) for n, (shape, dtype) in module.fmt.layout(module.spec).items()})
+    return out
+
+
+def model_tensor_stream(model: nn.Module) -> TensorStream:
+    """The model's tensors as a stream: a quantized layer's neutral tensors exist only while they are written."""
+    groups = ({pre + n: t for n, t in local.items()} for _, pre, local in iter_module_tensors(model))
+    return TensorStream(expected_layout(model), groups)
+
+
 def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *, iteration: int = 1,
                overwrite: bool = False) -> str:
     """Save ``model`` (quantized or not) under ``save_dir`` in SAT's layout; returns the iteration directory.
@@ -67,26 +86,25 @@ def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *,
     if iteration <= 0:
         raise CheckpointError(f"iteration must be positive (SAT's 'latest' needs it), got {iteration}")
     rank, world = model_parallel_rank()
-    os.makedirs(save_dir, exist_ok=True)
     final_dir = os.path.join(save_dir, str(iteration))
-    if os.path.exists(state_file(save_dir, iteration, rank, ".safetensors")) and not overwrite:
-        raise CheckpointError(f"{final_dir} already holds a checkpoint; pass overwrite=True (--overwrite) "
-                              f"or save to another directory/iteration.")
+    held = [s for s in (".safetensors", ".pt") if os.path.exists(state_file(save_dir, iteration, rank, s))]
+    if held and not overwrite:  # a SAT .pt alone is a checkpoint too: the full-precision weights a model came from
+        raise CheckpointError(f"{final_dir} already holds a checkpoint (mp_rank_{rank:02d}_model_states{held[0]}); "
+                              f"pass overwrite=True (--overwrite) to replace it, or save to another "
+                              f"directory/iteration.")
+    check_writable(final_dir, replace=True, verb="save_checkpoint")  # before any work
     prefix = f".{iteration}.tmp-"
-    remove_stale_temporaries(save_dir, prefix)  # left by a killed earlier save
     # the iteration number in the folder name keeps it apart from SAT's own iteration folders
     tmp_dir = os.path.join(save_dir, f"{prefix}{os.getpid()}-rank{rank}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
     block = quantization_block(model)
     config = dict(model_config, quantization=block)
     committed = False
     try:
-        tensors = {}
-        for _, name_prefix, local in iter_module_tensors(model):
-            tensors.update({name_prefix + n: t for n, t in local.items()})
-        write_rank_files(tmp_dir, iteration, rank, tensors, block, config)
-        del tensors
+        os.makedirs(save_dir, exist_ok=True)
+        remove_stale_temporaries(save_dir, prefix)  # left by a killed earlier save
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+        write_rank_files(tmp_dir, iteration, rank, model_tensor_stream(model), block, config)
         fsync_dir(tmp_dir)
         commit_iteration(tmp_dir, final_dir, single_writer=world == 1)
         committed = True
@@ -109,17 +127,17 @@ def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *,
     return final_dir
 
 
-def _save_failed(exc: BaseException, final_dir: str, save_dir: str, committed: bool) -> CheckpointError:
+def _save_failed(exc: BaseException, final_dir: str, save_dir: str, committed: bool) -> CheckpointWriteError:
     why = "the disk is full" if is_disk_full(exc) else f"{getattr(exc, 'strerror', None) or exc}"
     if not committed:
-        return CheckpointError(f"saving to {final_dir} failed: {why}. Nothing was replaced: the previous "
+        return CheckpointWriteError(f"saving to {final_dir} failed: {why}. Nothing was replaced: the previous "
                                f"checkpoint in {save_dir} (if any) is still the one 'latest' names; free "
                                f"space (or fix the cause) and save again.")
     if not os.path.exists(os.path.join(save_dir, "latest")):
-        return CheckpointError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
+        return CheckpointWriteError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
                                f"{save_dir} holds no complete checkpoint yet (no 'latest'); free space (or fix the "
                                f"cause) and save again.")
-    return CheckpointError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
+    return CheckpointWriteError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
                            f"{save_dir}/latest names a complete checkpoint (the previous iteration, or this one "
                            f"when it was overwritten); free space (or fix the cause) and save again.")
 
@@ -136,4 +154,5 @@ def write_folder_config(folder: str, model_config: Dict[str, Any], iteration: in
     write_text_atomic(os.path.join(folder, "latest"), str(iteration))
 
 
-__all__ = ["saved_tensors", "iter_module_tensors", "save_model", "write_folder_config"]
+__all__ = ["saved_tensors", "iter_module_tensors", "expected_layout", "model_tensor_stream", "save_model",
+           "write_folder_config"]

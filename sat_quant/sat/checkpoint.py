@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 from sat.training.model_io import extract_model_specific_args_to_dump
 from torch import nn
 
-from ..io.save import save_model
+from ..io.save import iter_module_tensors, save_model
+from ..oom import oom_guidance
 
 
 def model_config_dict(model: nn.Module, args: Optional[argparse.Namespace]) -> Dict[str, Any]:
@@ -40,7 +41,13 @@ def save_checkpoint(model: nn.Module, save_dir: str, *, args: Optional[argparse.
     Each model-parallel rank writes its own files; rank 0 writes model_config.json (SAT's args plus the
     quantization block) and ``latest``. Refuses to replace an existing iteration unless ``overwrite``.
     """
-    return save_model(model, save_dir, model_config_dict(model, args), iteration=iteration, overwrite=overwrite)
+    with oom_guidance(f"saving to {save_dir}", need_bytes=lambda: _tensor_bytes(model)):
+        return save_model(model, save_dir, model_config_dict(model, args), iteration=iteration, overwrite=overwrite)
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """What the save serializes: every tensor it writes (one copy; priced only after an allocation failure)."""
+    return sum(t.numel() * t.element_size() for _, _, local in iter_module_tensors(model) for t in local.values())
 
 
 __all__ = ["save_checkpoint", "model_config_dict"]

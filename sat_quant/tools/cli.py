@@ -13,7 +13,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
 
-from ..errors import QuantError
+from ..errors import CheckpointWriteError, QuantError
 from ..oom import QuantOutOfMemoryError, is_out_of_memory
 from ..sat.flags import add_quant_args
 
@@ -125,7 +125,7 @@ BAD_INPUT, ENVIRONMENT = 2, 1
 def describe_failure(exc: BaseException) -> Tuple[int, str]:
     """(exit status, one line for a person) for any exception a subcommand raised."""
     if isinstance(exc, QuantError):
-        status = ENVIRONMENT if isinstance(exc, QuantOutOfMemoryError) else BAD_INPUT
+        status = ENVIRONMENT if isinstance(exc, (QuantOutOfMemoryError, CheckpointWriteError)) else BAD_INPUT
         return status, " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     if is_out_of_memory(exc):
         return ENVIRONMENT, ("ran out of memory; free memory, use a machine with more, or quantize more layers "

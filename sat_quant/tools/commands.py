@@ -13,7 +13,7 @@ from sat.arguments import update_args_with_file
 
 from ..engine.config import QuantConfig
 from ..errors import QuantConfigError
-from ..io.commit import check_destination, overlap, write_text_atomic
+from ..io.commit import check_destination, check_writable, overlap, write_failed, write_text_atomic
 from ..io.layout import base_model_class
 from ..sat.args import fill_script_defaults, validate_quant_args
 from ..sat.loading import model_class_for
@@ -57,17 +57,19 @@ def _check_plan_output(out: str, src: str) -> None:
         raise QuantConfigError(f"-o {out} is a folder; name the plan file to write, e.g. -o {os.path.join(out, 'plan.json')}.")
     if not os.path.isdir(parent):
         raise QuantConfigError(f"-o {out}: the folder {parent} does not exist; create it first or write elsewhere.")
-    if not os.access(parent, os.W_OK):
-        raise QuantConfigError(f"-o {out}: the folder {parent} is not writable; choose a folder you can write to.")
     if overlap(src, out):
         raise QuantConfigError(f"-o {out} lies inside the source checkpoint {src}; write the plan outside it.")
+    check_writable(out, replace=True, verb=f"plan -o {out}")  # a read-only folder or plan file: exit 1
 
 
 def plan_command(ns: argparse.Namespace) -> int:
     _check_plan_output(ns.out, ns.src)
     config = QuantConfig(bits=4, skip=tuple(ns.quant_skip or ()), quantize_lm_head=ns.quant_lm_head)
     plan = plan_checkpoint(ns.src, ns.quant_budget, candidates=ns.candidates, config=config, imports=ns.imports)
-    write_text_atomic(ns.out, plan.to_json() + "\n")
+    try:
+        write_text_atomic(ns.out, plan.to_json() + "\n")
+    except OSError as exc:  # a full disk, a file-size limit: the old plan file (if any) is kept
+        raise write_failed(exc, ns.out, "plan") from exc
     print(plan.summary())
     print(f"wrote {ns.out}: pass it as --quant-plan {ns.out} (sat-quant convert, from_pretrained, any SAT script)")
     return 0

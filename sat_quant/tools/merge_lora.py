@@ -14,6 +14,7 @@ from ..engine.lora import merge_lora_
 from ..errors import CheckpointError
 from ..io.commit import check_destination, staged_folder
 from ..io.layout import read_latest, read_model_config
+from ..oom import oom_guidance
 from ..sat.checkpoint import save_checkpoint
 from ..sat.loading import from_pretrained
 from .dequantize import write_full_precision
@@ -34,8 +35,9 @@ def merge_lora_checkpoint(src: str, dst: str, *, full_precision: bool = False, i
     if not read_model_config(src).get("quant_lora"):
         raise CheckpointError(f"{src} holds no LoRA adapters (its model_config.json has no 'quant_lora' record); "
                               f"there is nothing to merge. It loads as it is with sat_quant.from_pretrained.")
-    model, args = from_pretrained(None, src)
-    merged = merge_lora_(model, requantize=not full_precision)
+    model, args = from_pretrained(None, src)  # an allocation failure here is reported as loading
+    with oom_guidance(f"merging the LoRA adapters of {src}"):
+        merged = merge_lora_(model, requantize=not full_precision)
     if merged == 0:
         raise CheckpointError(f"{src} records LoRA settings but no adapter was rebuilt; the checkpoint is inconsistent.")
     args.quant_lora = None
@@ -46,7 +48,7 @@ def merge_lora_checkpoint(src: str, dst: str, *, full_precision: bool = False, i
     if full_precision:
         return write_full_precision(model, src, dst, iteration, dtype, overwrite=overwrite, verb="merge-lora")
     with staged_folder(dst, overwrite=overwrite, src=src, verb="merge-lora") as tmp:
-        save_checkpoint(model, tmp, args=args, iteration=iteration)
+        save_checkpoint(model, tmp, args=args, iteration=iteration)  # its allocation failures: "saving to"
     return dst
 
 

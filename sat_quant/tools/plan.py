@@ -20,6 +20,7 @@ from ..algorithms.planner import (
 from ..engine.config import QuantConfig
 from ..engine.replace import plan_layers
 from ..errors import CheckpointError
+from ..oom import oom_guidance
 from ..sat.build import build_with_meta_linears
 from .sources import open_full_precision
 
@@ -30,6 +31,11 @@ def plan_checkpoint(src: str, budget, *, candidates: Sequence[str] = DEFAULT_CAN
     budget = parse_budget(budget)
     candidates = parse_candidates(candidates)
     base = (config or QuantConfig(bits=4)).validate()
+    with oom_guidance(f"planning {src}", quant_bits=base.bits):
+        return _plan(src, budget, candidates, base, imports)
+
+
+def _plan(src: str, budget, candidates, base: QuantConfig, imports: Optional[List[str]]) -> QuantPlan:
     fp = open_full_precision(src, "plan", imports)  # the parts built for real take the checkpoint's dtype
     cls, source = fp.cls, fp.source
     model = build_with_meta_linears(cls, fp.args)

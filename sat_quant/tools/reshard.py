@@ -15,6 +15,7 @@ from ..io.layout import read_latest, read_model_config, saved_model_parallel_siz
 from ..io.manifest import config_from_block, open_rank_source, read_manifest, write_rank_files
 from ..io.parallel import ReshardedSource, lora_kinds, packed_kinds, power_of_two, tensor_kinds
 from ..io.save import write_folder_config
+from ..oom import oom_guidance
 from ..sat.build import build_on_meta
 from ..sat.loading import args_from_checkpoint, model_class_for
 from .sources import import_modules
@@ -28,6 +29,13 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
     """
     import_modules(imports)
     check_destination(dst, overwrite, src=src, verb="reshard")
+    with oom_guidance(f"resharding {src} to model-parallel size {model_parallel_size}",
+                      model_parallel_size=model_parallel_size):
+        _reshard(src, dst, model_parallel_size, overwrite)
+    return dst
+
+
+def _reshard(src: str, dst: str, model_parallel_size: int, overwrite: bool) -> None:
     model_config = read_model_config(src)
     iteration = read_latest(src)
     manifest0 = read_manifest(src, iteration, 0) or {}
@@ -71,7 +79,6 @@ def reshard(src: str, dst: str, model_parallel_size: int, *, imports: Optional[L
             write_rank_files(folder, iteration, rank, tensors, new_block, new_config)
             del tensors
         write_folder_config(tmp, new_config, iteration)
-    return dst
 
 
 __all__ = ["reshard"]
