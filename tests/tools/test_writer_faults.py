@@ -5,7 +5,9 @@ environment, in a child process (tests/workers/writer_faults_child.py), nothing 
   kernel (the child takes the effective uid/gid 65534 when the tests run as root, who ignores permission bits);
 - an address-space limit (``RLIMIT_AS``) a little above what the child has mapped once warmed up, on a model big
   enough that the writer's own allocations cannot fit;
-- a file-size limit (``RLIMIT_FSIZE``) smaller than the files the writer writes.
+- a file-size limit (``RLIMIT_FSIZE``) smaller than the files the writer writes;
+- a full disk: DST on a small tmpfs, filled up but for a little slack (where the kernel lets the child mount one;
+  the injected ENOSPC tests of test_writers_safety.py and tests/io/test_failed_saves.py run everywhere).
 
 What must hold for each: the writer fails with one sentence that names the cause (and, for memory, is a
 QuantOutOfMemoryError), the ``sat-quant`` CLI exits 1 (the environment, not the input), DST is byte for byte what it
@@ -95,6 +97,10 @@ def faults():
         tiny = _write_sources(os.path.join(root, "tiny"), None, 0)
         wide = _write_sources(os.path.join(root, "wide"), WIDE, 1)
         cases, case_dirs = [], {}
+        seeds = {kind: tiny["q4"] for kind in SOURCE}
+        seeds["plan"] = os.path.join(root, "older-plan.json")
+        with open(seeds["plan"], "w") as f:
+            f.write('{"an older plan": true}\n')
 
         def case_folder(case_id, kind, with_dst):
             parent = os.path.join(root, "cases", case_id)
@@ -127,6 +133,13 @@ def faults():
             _, dst = case_folder(case_id, kind, with_dst=True)
             cases.append({"id": case_id, "writer": kind, "fault": "address-space", "src": wide[SOURCE[kind]], "dst": dst,
                           "margin_mb": ADDRESS_SPACE[kind][0]})
+            case_id = f"disk-full-{kind}"
+            parent, _ = case_folder(case_id, kind, with_dst=False)
+            mount = os.path.join(parent, "mnt")
+            os.makedirs(mount)
+            cases.append({"id": case_id, "writer": kind, "fault": "disk-full", "src": tiny[SOURCE[kind]],
+                          "mount": mount, "dst": os.path.join(mount, _dst_name(kind)), "seed": seeds[kind],
+                          "slack": 0 if kind == "plan" else 512 * 1024})
             case_id = f"file-size-{kind}"
             _, dst = case_folder(case_id, kind, with_dst=True)
             cases.append({"id": case_id, "writer": kind, "fault": "file-size", "src": tiny[SOURCE[kind]], "dst": dst,
@@ -192,3 +205,15 @@ def test_a_file_size_limit_fails_the_write_and_changes_nothing(faults, kind):
     assert result["type"] == "CheckpointWriteError", result
     assert "File too large" in result["line"], result
     assert "unchanged" in result["line"] or "Nothing was replaced" in result["line"], result
+
+
+@pytest.mark.parametrize("kind", list(SOURCE))
+def test_a_full_disk_fails_the_write_and_changes_nothing(faults, kind):
+    result = faults["results"][f"disk-full-{kind}"]
+    if result["type"] == "unavailable":
+        pytest.skip("this kernel does not let the test mount a tmpfs; the injected ENOSPC tests cover the writers")
+    result = _check_failed_cleanly(faults, f"disk-full-{kind}")
+    assert result["type"] == "CheckpointWriteError", result
+    assert "the disk is full" in result["line"], result
+    assert result["after"] == result["before"], "DST (or the disk around it) changed, or a temporary was left"
+    assert any(k == _dst_name(kind) or k.startswith(_dst_name(kind) + "/") for k in result["before"])

@@ -7,7 +7,10 @@ function ``main`` prints with). The faults are real, nothing is patched:
 - ``readonly``: the writer runs with the effective uid/gid of an unprivileged user (65534) when this process is root,
   so the kernel enforces the folders' permission bits (root ignores them); the caller prepared read-only folders;
 - ``address-space``: ``RLIMIT_AS`` at this process's current size plus ``margin_mb``;
-- ``file-size``: ``RLIMIT_FSIZE`` at ``limit`` bytes (SIGXFSZ ignored, so the write fails with EFBIG).
+- ``file-size``: ``RLIMIT_FSIZE`` at ``limit`` bytes (SIGXFSZ ignored, so the write fails with EFBIG);
+- ``disk-full``: a small tmpfs mounted in a private mount namespace of the fork (needs CAP_SYS_ADMIN; reported as
+  ``unavailable`` where the kernel refuses), holding a copy of DST and filled up but for ``slack`` bytes. Only the
+  fork sees it, so the fork reports the snapshots of the mount before and after the writer.
 
 Each writer first runs once unlimited (``warm``: lazy imports, thread pools, SAT's model-parallel group, compiled
 kernels), so that a limit measured afterwards leaves the writer only its own allocations.
@@ -94,6 +97,44 @@ def limited(which, value):
         resource.setrlimit(which, (soft, hard))
 
 
+CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 16384, 1 << 18
+
+
+def mount_small_disk(case):
+    """In this fork: a private mount namespace, a tmpfs at ``case['mount']`` with a copy of ``case['seed']`` at
+    DST, and the rest of the tmpfs filled but for ``case['slack']`` bytes. False where mounting is not allowed."""
+    import ctypes
+    import shutil
+    c = libc()
+    c.unshare.argtypes = [ctypes.c_int]
+    c.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    if c.unshare(CLONE_NEWNS) != 0 or c.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return False
+    if c.mount(b"tmpfs", case["mount"].encode(), b"tmpfs", 0, f"size={32 * 2**20}".encode()) != 0:
+        return False
+    if os.path.isdir(case["seed"]):
+        shutil.copytree(case["seed"], case["dst"])
+    else:
+        shutil.copyfile(case["seed"], case["dst"])
+    st = os.statvfs(case["mount"])
+    with open(os.path.join(case["mount"], "filler"), "wb") as f:  # the disk full but for the slack
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - case["slack"]))
+    return True
+
+
+def tree_state(path):
+    """relative path → size and sha256 of every file under ``path``, and every folder (hidden ones included)."""
+    import hashlib
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), path) + "/"] = "dir"
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), path)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
 def run_case(case):
     kind, fault = case["writer"], case["fault"]
     out = {"base_mb": None}
@@ -108,6 +149,14 @@ def run_case(case):
             out["base_mb"] = base // 2**20
             with limited(resource.RLIMIT_AS, base + case["margin_mb"] * 2**20):
                 run_writer(kind, case["src"], case["dst"])
+        elif fault == "disk-full":
+            if not mount_small_disk(case):
+                return {"type": "unavailable", "message": "mounting a tmpfs is not allowed here"}
+            out["before"] = tree_state(case["mount"])
+            try:
+                run_writer(kind, case["src"], case["dst"])
+            finally:
+                out["after"] = tree_state(case["mount"])
         elif fault == "file-size":
             with limited(resource.RLIMIT_FSIZE, case["limit"]):
                 run_writer(kind, case["src"], case["dst"])
