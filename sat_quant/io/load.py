@@ -32,6 +32,22 @@ def expected_layout(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.
     return out
 
 
+def shared_aliases(model: nn.Module) -> Dict[str, str]:
+    """Tensor names under the second and later paths of a module reachable at several paths → the name under its
+    first path. SAT's state_dict writes a shared module once per path (CogAgent's EVA2-CLIP-L rope sits in the tower
+    and in every block's attention); sat_quant reads and writes it once, under the first."""
+    first: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        canonical = first.setdefault(id(module), path)
+        if canonical == path:
+            continue
+        for n, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                aliases[f"{path}.{n}"] = f"{canonical}.{n}" if canonical else n
+    return aliases
+
+
 def check_sizes_against_table(model_config: Dict[str, Any], table: Dict[str, Any], where: str) -> None:
     """Before building: the config's layer count and hidden size agree with the checkpoint's tensor table.
 
@@ -93,6 +109,7 @@ def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -
                                 f"{[layer.out_features, layer.in_features]} weight")
             continue
         problems.append(f"{name}: missing from the checkpoint")
+    consumed |= {alias for alias, name in shared_aliases(model).items() if alias in have and name in consumed}
     unexpected = sorted(set(have) - consumed)
     if strict and unexpected:
         problems += [f"{n}: in the checkpoint but not in the model" for n in unexpected[:10]]

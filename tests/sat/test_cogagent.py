@@ -96,3 +96,16 @@ def test_quant_4_on_cogagent_needs_no_skip():
     plans = {p.names[0]: p.spec for p in plan_layers(meta, config)}
     w3 = plans["mixins.encoder.vit.model.blocks.0.mlp.w3"]
     assert (w3.in_features, w3.group_size, w3.padded_in_features) == (2730, 128, 2816)
+
+
+def test_tiny_cross_tower_config_is_upstreams_but_for_depth():
+    """The tiny tower copies Eva2LargeEncoder's hard-coded EVA2-CLIP-L config: upstream's, built on meta, agrees."""
+    from utils.models import eva_clip_L_hf
+
+    from sat_quant.engine.replace import everything_on_meta
+    from sat_quant.testing.cogvlm_assets import _EVA2_L_CONFIG
+    with everything_on_meta():
+        full = eva_clip_L_hf.Eva2LargeEncoder(image_size=1120)
+    expected = {"embed_dim": _EVA2_L_CONFIG["embed_dim"], "vision_cfg": dict(_EVA2_L_CONFIG["vision_cfg"], image_size=1120)}
+    assert full.config == expected and len(full.model.blocks) == 24
+    assert full.model.blocks[0].mlp.w3.in_features == 2730 and full.model.patch_embed.num_patches == 6400
