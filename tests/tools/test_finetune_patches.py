@@ -30,10 +30,20 @@ def _run(cwd: Path, argv, port_offset: int, timeout: int = 300) -> subprocess.Co
                           env=_train_env(port_offset))
 
 
+def _lora_sh(checkout: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """CogVLM's own finetune_demo/finetune_cogvlm_lora.sh (patched), run from its folder as its README says; the
+    settings a user would edit come from the environment (patch 0004)."""
+    bin_dir = os.path.dirname(sys.executable)  # deepspeed's launcher and sat-quant, from this environment
+    env = _train_env(0) | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"} | env
+    return subprocess.run(["bash", "finetune_cogvlm_lora.sh"], cwd=checkout / "finetune_demo", capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
 @pytest.fixture(scope="module")
 def qlora(tmp_path_factory):
-    """Four QLoRA iterations of the patched finetune_cogvlm_demo.py (deepspeed ZeRO 0, bf16, torch Adam) on the
-    tiny CogVLM saved in full precision: --quant 4 builds the base quantized while it is read."""
+    """Four QLoRA iterations through the patched finetune_cogvlm_lora.sh (deepspeed's launcher, gloo, ZeRO 0, bf16,
+    torch Adam) on the tiny CogVLM saved in full precision: --use_qlora builds the 4-bit base while it is read.
+    No --log-interval is given: the script picks one that shows every step of a 4-step run."""
     from sat_quant.testing import cogvlm_assets as assets
     root = tmp_path_factory.mktemp("qlora")
     env = argparse.Namespace(root=root, checkout=patched_checkout(COGVLM_DIR, root / "CogVLM"))
@@ -52,34 +62,64 @@ def qlora(tmp_path_factory):
               "--mode", "finetune", "--split", "1.", "--deepspeed_config", str(env.ds_config), "--zero-stage", "0",
               "--batch-size", "1", "--eval-batch-size", "1", "--num-workers", "0", "--skip-init", "--seed", "2023"]
     env.common = common
-    result = _run(env.checkout / "finetune_demo", [
-        "finetune_cogvlm_demo.py", "--from_pretrained", env.fp, "--use_qlora", "--lora_rank", "4",
-        "--quant", "4", "--quant-group-size", "64", "--train-iters", str(TRAIN_ITERS),
-        "--train-data", str(root / "train"), "--valid-data", str(root / "train"), "--eval-interval", "1000",
-        "--eval-iters", "1", "--save", str(root / "out"), "--save-interval", str(TRAIN_ITERS),
-        "--experiment-name", "qlora", "--lr-decay-style", "constant", "--log-interval", "1"] + common, 0)
+    result = _lora_sh(env.checkout, {
+        "MODEL_TYPE": env.fp, "VERSION": "chat", "MAX_LENGTH": "300", "LORA_RANK": "4", "LORA": "--use_qlora",
+        "TOKENIZER": env.tokenizer, "TRAIN_DATA": str(root / "train"), "VALID_DATA": str(root / "train"),
+        "DS_CONFIG": str(env.ds_config), "CHECKPOINT_ACTIVATIONS": "",
+        "MASTER_PORT": str(29100 + (os.getpid() + 7) % 800),
+        "EXTRA_ARGS": f"--quant-group-size 64 --train-iters {TRAIN_ITERS} --eval-interval 1000 --eval-iters 1 "
+                      f"--save-interval {TRAIN_ITERS} --lr-decay-style constant --bf16 --batch-size 1 "
+                      f"--num-workers 0 --zero-stage 0"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     env.train_log = result.stdout + result.stderr
-    env.ckpt = str(next((root / "out").glob("qlora-*")))
+    # the script's own --save ./checkpoints, relative to finetune_demo/ where it ran
+    env.ckpt = str(next((env.checkout / "finetune_demo" / "checkpoints").glob("finetune-fp-*")))
     return env
 
 
 def test_qlora_trains_the_adapters_and_saves_them_with_the_4bit_base(qlora):
+    assert "--distributed-backend gloo" in qlora.train_log  # no GPU: not upstream's nccl
     losses = [float(x) for x in re.findall(r"total loss ([0-9.E+-]+)", qlora.train_log)]
-    assert len(losses) == TRAIN_ITERS and losses[-1] < losses[0]
+    assert len(losses) == TRAIN_ITERS and losses[-1] < losses[0]  # every step of a short run shows its loss
     config = json.loads(Path(qlora.ckpt, "model_config.json").read_text())
     assert config["quant_lora"]["rank"] == 4 and config["quantization"]["config"]["format"] == "int4"
-    assert "sat-quant merge-lora" in qlora.train_log
 
 
 @pytest.fixture(scope="module")
 def merged(qlora):
-    dst = str(qlora.root / "merged")
-    result = subprocess.run([sys.executable, "-m", "sat_quant.tools.cli", "merge-lora", qlora.ckpt, dst, "--import",
-                             "utils.models"], capture_output=True, text=True, timeout=300,
-                            env=script_env({"PYTHONPATH": f"{qlora.checkout}{os.pathsep}{script_env()['PYTHONPATH']}"}))
+    """The merge command the training printed, run as printed from the folder where training ran."""
+    command = qlora.train_log.split("fold them into the 4-bit base with:", 1)[1].strip().splitlines()[0]
+    assert command.startswith("PYTHONPATH=") and " sat-quant merge-lora " in command
+    bin_dir = os.path.dirname(sys.executable)
+    result = subprocess.run(["bash", "-c", command], cwd=qlora.checkout / "finetune_demo", capture_output=True,
+                            text=True, timeout=300,
+                            env=script_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}))
     assert result.returncode == 0, result.stderr[-3000:]
+    dst = qlora.ckpt + "-merged"
+    assert Path(dst, "model_config.json").is_file()
     return dst
+
+
+def test_a_failed_training_is_the_scripts_exit_status(qlora):
+    """Upstream's final `set +x` made the script exit 0 after training had died; now its status is the run's."""
+    result = _lora_sh(qlora.checkout, {"MODEL_TYPE": str(qlora.root / "no-such-model"), "LORA": "--use_qlora",
+                                       "MASTER_PORT": str(29100 + (os.getpid() + 11) % 800)}, timeout=300)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert "finetune_cogvlm_demo.py: error: --from_pretrained" in result.stderr and "never downloads" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("finetune_cogvlm_lora.sh: training failed (exit status 2)")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_note_comes_before_deepspeed_compiles_its_cpu_op(tmp_path, monkeypatch, capsys):
+    from sat_quant.tools.patched_scripts import deepspeed_cpu_op_path, note_deepspeed_cpu_build
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    assert note_deepspeed_cpu_build() and "about 3 minutes" in capsys.readouterr().out
+    built = Path(deepspeed_cpu_op_path())
+    assert built == tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"  # where torch's loader puts it
+    built.parent.mkdir()
+    built.write_bytes(b"")
+    assert not note_deepspeed_cpu_build() and capsys.readouterr().out == ""
 
 
 def test_merged_checkpoint_is_a_plain_quantized_checkpoint_that_answers(qlora, merged):
