@@ -22,6 +22,8 @@ from ..sat.build import build_on_meta
 
 # (component, globs) in priority order; the first match names a tensor's component.
 COMPONENTS: Sequence[Tuple[str, Tuple[str, ...]]] = (
+    ("cross vision tower", ("mixins.encoder.*",)),  # CogAgent's high-resolution EVA2-CLIP-L
+    ("cross-attention", ("transformer.layers.*.cross_attention.*", "transformer.layers.*.post_cross_attention_*")),
     ("vision tower", ("mixins.eva.vit_model.*", "*vit_model.*")),
     ("vision adapter", ("mixins.eva.linear_proj.*",)),
     ("visual expert", ("mixins.*.vision_*",)),
@@ -85,15 +87,21 @@ def estimate_weights(model: nn.Module, config: Optional[QuantConfig]) -> Estimat
 def estimate_runtime(args: argparse.Namespace, batch: int, seq: int, act_bytes: int = 2) -> Tuple[int, int]:
     """(KV cache, peak activations) in bytes for one forward of ``batch`` x ``seq`` tokens.
 
-    KV cache: 2 (K and V) x layers x batch x seq x hidden x act_bytes. Activations: the largest live set of
-    one transformer layer (input, QKV, MLP intermediate, attention scores in fp32) plus the logits
-    (batch x seq x vocab x 4 bytes: SAT computes the LM head on every position).
+    KV cache: 2 (K and V) x layers x batch x seq x hidden x act_bytes, plus, for a model with cross-attention
+    (CogAgent: ``is_decoder``), its keys and values over the cross image's patches, cached once per image
+    (``mems_cross``): 2 x layers x batch x (cross_image_pix / 14)^2 x heads x cross head size x act_bytes.
+    Activations: the largest live set of one transformer layer (input, QKV, MLP intermediate, attention scores in
+    fp32) plus the logits (batch x seq x vocab x 4 bytes: SAT computes the LM head on every position).
     """
     hidden, layers = args.hidden_size, args.num_layers
     heads = args.num_attention_heads
     inner = getattr(args, "inner_hidden_size", None) or 4 * hidden
     vocab = args.vocab_size
     kv = 2 * layers * batch * seq * hidden * act_bytes
+    if getattr(args, "is_decoder", False) and getattr(args, "cross_image_pix", None):
+        cross_len = (args.cross_image_pix // 14) ** 2
+        cross_width = heads * (getattr(args, "cross_hidden_size_per_attention_head", None) or hidden // heads)
+        kv += 2 * layers * batch * cross_len * cross_width * act_bytes
     per_layer = batch * seq * (2 * hidden + 3 * hidden + 2 * inner) * act_bytes + batch * heads * seq * seq * 4
     logits = batch * seq * vocab * 4
     return kv, per_layer + logits
