@@ -136,7 +136,7 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run_and_a_live_on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["convert", "dequantize", "reshard"])
+@pytest.mark.parametrize("kind", ["convert", "dequantize", "reshard", "merge-lora"])
 def test_a_kill_at_every_step_of_the_publish_leaves_the_old_or_the_new_destination(sources, tmp_path, kind):
     """A child counts the writer's filesystem steps (rename, replace, fsync, exchange, rmtree) and SIGKILLs itself
     before the k-th, for every k (at least 8 instants): DST then loads bitwise as the old folder or the new one,
