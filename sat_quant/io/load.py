@@ -7,29 +7,19 @@ returned to the caller (the sat layer drops the model).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..engine.layers import QuantLinear
+from ..engine.lora import LoraQuantLinear
 from ..engine.replace import release_freed_memory
 from ..errors import CheckpointError
-from .save import saved_tensors
+from .save import expected_layout, saved_tensors
 from .tensorfile import TensorSource
 
 _MAIN_LAYER = re.compile(r"transformer\.layers\.(\d+)\.")  # the main transformer's blocks, not a tower's
-
-
-def expected_layout(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-    """Name → (shape, dtype) of every tensor a checkpoint of this model must hold."""
-    out: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
-    for prefix, module in model.named_modules():
-        pre = prefix + "." if prefix else ""
-        out.update({pre + n: (tuple(t.shape), t.dtype) for n, t in saved_tensors(module)})
-        if isinstance(module, QuantLinear):
-            out.update({pre + n: (tuple(shape), dtype) for n, (shape, dtype) in module.fmt.layout(module.spec).items()})
-    return out
 
 
 def shared_aliases(model: nn.Module) -> Dict[str, str]:
@@ -78,8 +68,13 @@ def load_into(model: nn.Module, source: TensorSource, *, strict: bool = True) ->
     fill(model, source)
 
 
-def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -> None:
-    """Raise CheckpointError unless ``source`` holds exactly the tensors ``model`` needs (names, shapes, dtypes)."""
+def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True,
+               may_be_new: Optional[Callable[[str], bool]] = None) -> None:
+    """Raise CheckpointError unless ``source`` holds exactly the tensors ``model`` needs (names, shapes, dtypes).
+
+    ``may_be_new(name)`` marks model tensors a checkpoint may lack (e.g. adapters added for fine-tuning): ``fill``
+    then leaves them as they are.
+    """
     have = source.layout()
     want = expected_layout(model)
     problems: List[str] = []
@@ -108,7 +103,8 @@ def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -
                 problems.append(f"{fp_name}: checkpoint has {list(got_shape)} {got_dtype}, model needs a floating-point "
                                 f"{[layer.out_features, layer.in_features]} weight")
             continue
-        problems.append(f"{name}: missing from the checkpoint")
+        if may_be_new is None or not may_be_new(name):
+            problems.append(f"{name}: missing from the checkpoint")
     consumed |= {alias for alias, name in shared_aliases(model).items() if alias in have and name in consumed}
     unexpected = sorted(set(have) - consumed)
     if strict and unexpected:
@@ -118,6 +114,35 @@ def check_fits(model: nn.Module, source: TensorSource, *, strict: bool = True) -
                               "\n  ".join(sorted(set(problems))[:15]) +
                               "\nCheck that the model class and its sizes (model_config.json) match the checkpoint, "
                               "and that the quantization block describes these tensors.")
+
+
+class PlainBaseNames:
+    """A tensor source seen with LoRA-wrapped names: a checkpoint saved without adapters holds ``P.qweight`` where a
+    model with ``LoraQuantLinear`` at ``P`` wants ``P.base.qweight`` (loading base weights to fine-tune them)."""
+
+    def __init__(self, source, renames: Dict[str, str]) -> None:
+        self.source, self.renames, self.path = source, renames, source.path
+
+    def layout(self):
+        inverse = {v: k for k, v in self.renames.items()}
+        return {inverse.get(name, name): spec for name, spec in self.source.layout().items()}
+
+    def get(self, name: str, **kwargs) -> torch.Tensor:
+        return self.source.get(self.renames.get(name, name), **kwargs)
+
+
+def with_adapter_base_names(model: nn.Module, source):
+    """``source`` itself, or a ``PlainBaseNames`` view when the model wraps layers in LoRA the checkpoint lacks."""
+    have = source.layout()
+    renames = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, LoraQuantLinear):
+            base = module.base
+            for name in [*base.fmt.layout(base.spec), *(n for n, _ in saved_tensors(base))]:
+                wanted, plain = f"{prefix}.base.{name}", f"{prefix}.{name}"
+                if wanted not in have and plain in have:
+                    renames[wanted] = plain
+    return PlainBaseNames(source, renames) if renames else source
 
 
 def fill(model: nn.Module, source: TensorSource) -> None:
@@ -134,8 +159,10 @@ def fill(model: nn.Module, source: TensorSource) -> None:
                     module.quantize_weight_(source.get(pre + "weight"))
                 release_freed_memory(4 * module.quantized_nbytes())  # replaced tensors + repack temporaries
             for n, t in saved_tensors(module):
-                t.copy_(source.get(pre + n, owned=False))
+                if pre + n in have:  # check_fits let through only the ones marked may_be_new
+                    t.copy_(source.get(pre + n, owned=False))
     release_freed_memory()
 
 
-__all__ = ["expected_layout", "check_sizes_against_table", "load_into", "check_fits", "fill"]
+__all__ = ["expected_layout", "check_sizes_against_table", "load_into", "check_fits", "fill", "with_adapter_base_names",
+           "PlainBaseNames"]

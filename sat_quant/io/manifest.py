@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ..engine.lora import LoraQuantLinear
 from ..errors import CheckpointError, QuantConfigError
 from .commit import write_json_atomic
 from .layout import checkpoint_tensor_path, state_file
-from .tensorfile import TensorSource, sha256_file, write_stub, write_tensor_file
+from .tensorfile import Layout, TensorSource, TensorStream, layout_of, sha256_file, write_stub, write_tensor_file
 
 FORMAT_VERSION = 1
 
@@ -81,24 +81,27 @@ def describe_block(block: Dict[str, Any]) -> str:
 
 # -- writing one rank's files ----------------------------------------------------------------------
 
-def tensor_table(tensors: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, Any]]:
-    return {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for name, t in tensors.items()}
+def tensor_table(layout: Layout) -> Dict[str, Dict[str, Any]]:
+    return {name: {"dtype": str(dtype).replace("torch.", ""), "shape": list(shape)}
+            for name, (shape, dtype) in layout.items()}
 
 
-def write_rank_files(folder: str, iteration: int, rank: int, tensors: Dict[str, torch.Tensor],
+def write_rank_files(folder: str, iteration: int, rank: int, tensors: Union[Dict[str, torch.Tensor], TensorStream],
                      block: Optional[Dict[str, Any]], model_config: Dict[str, Any]) -> None:
     """Tensors, manifest and stub of one model-parallel rank in ``folder`` (a temporary iteration folder).
 
-    The manifest carries this iteration's own copy of model_config.json (less the block, stored next to it): the
-    loader trusts it over model_config.json, which a save killed before 'latest' may already have replaced.
+    ``tensors`` may be a ``TensorStream`` (produced one module at a time while written). The manifest carries this
+    iteration's own copy of model_config.json (less the block, stored next to it): the loader trusts it over
+    model_config.json, which a save killed before 'latest' may already have replaced.
     """
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, f"mp_rank_{rank:02d}_model_states")
-    write_tensor_file(stem + ".safetensors", tensors)
+    layout = tensors.layout if isinstance(tensors, TensorStream) else layout_of(tensors)
+    sha256 = write_tensor_file(stem + ".safetensors", tensors)
     manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "rank": rank,
                 "file": os.path.basename(stem) + ".safetensors",
-                "bytes": os.path.getsize(stem + ".safetensors"), "sha256": sha256_file(stem + ".safetensors"),
-                "tensors": tensor_table(tensors), "quantization": block,
+                "bytes": os.path.getsize(stem + ".safetensors"), "sha256": sha256,
+                "tensors": tensor_table(layout), "quantization": block,
                 "model_config": {k: v for k, v in model_config.items() if k != "quantization"}}
     write_json_atomic(stem + ".manifest.json", manifest)
     write_stub(stem + ".pt")

@@ -33,6 +33,7 @@ from .commit import (
 )
 from .layout import barrier, model_parallel_rank, saved_model_class, state_file
 from .manifest import quantization_block, write_rank_files
+from .tensorfile import Layout, TensorStream
 
 
 def saved_tensors(module: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -53,6 +54,23 @@ def iter_module_tensors(model: nn.Module) -> Iterator[Tuple[nn.Module, str, Dict
             local.update(module.neutral_tensors())
         if local:
             yield module, (prefix + "." if prefix else ""), local
+
+
+def expected_layout(model: nn.Module) -> Layout:
+    """Name → (shape, dtype) of every tensor a checkpoint of this model holds, in the order they are saved."""
+    out: Layout = {}
+    for prefix, module in model.named_modules():
+        pre = prefix + "." if prefix else ""
+        out.update({pre + n: (tuple(t.shape), t.dtype) for n, t in saved_tensors(module)})
+        if isinstance(module, QuantLinear):
+            out.update({pre + n: (tuple(shape), dtype) for n, (shape, dtype) in module.fmt.layout(module.spec).items()})
+    return out
+
+
+def model_tensor_stream(model: nn.Module) -> TensorStream:
+    """The model's tensors as a stream: a quantized layer's neutral tensors exist only while they are written."""
+    groups = ({pre + n: t for n, t in local.items()} for _, pre, local in iter_module_tensors(model))
+    return TensorStream(expected_layout(model), groups)
 
 
 def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *, iteration: int = 1,
@@ -86,11 +104,7 @@ def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *,
         remove_stale_temporaries(save_dir, prefix)  # left by a killed earlier save
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
-        tensors = {}
-        for _, name_prefix, local in iter_module_tensors(model):
-            tensors.update({name_prefix + n: t for n, t in local.items()})
-        write_rank_files(tmp_dir, iteration, rank, tensors, block, config)
-        del tensors
+        write_rank_files(tmp_dir, iteration, rank, model_tensor_stream(model), block, config)
         fsync_dir(tmp_dir)
         commit_iteration(tmp_dir, final_dir, single_writer=world == 1)
         committed = True
@@ -140,4 +154,5 @@ def write_folder_config(folder: str, model_config: Dict[str, Any], iteration: in
     write_text_atomic(os.path.join(folder, "latest"), str(iteration))
 
 
-__all__ = ["saved_tensors", "iter_module_tensors", "save_model", "write_folder_config"]
+__all__ = ["saved_tensors", "iter_module_tensors", "expected_layout", "model_tensor_stream", "save_model",
+           "write_folder_config"]

@@ -1,4 +1,5 @@
-"""Tensor files: safetensors written in one call and fsynced; safetensors or SAT ``.pt`` read one tensor at a time.
+"""Tensor files: safetensors streamed to disk one tensor at a time, hashed while written and fsynced; safetensors or
+SAT ``.pt`` read one tensor at a time.
 
 Reading never runs pickled code (``weights_only=True``) and never keeps more than ``_REMAP_BYTES`` of a file's
 memory map resident (the map is re-opened), so loading a 35 GB checkpoint needs memory for the model only.
@@ -6,8 +7,11 @@ memory map resident (the map is re-opened), so loading a 35 GB checkpoint needs 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
-from typing import Dict, Tuple
+import struct
+from typing import Any, Dict, Iterable, NamedTuple, Tuple, Union
 
 import torch
 
@@ -25,23 +29,70 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def write_tensor_file(path: str, tensors: Dict[str, torch.Tensor]) -> None:
-    """safetensors writes the file; separate storages are required, so shared tensors are cloned."""
-    from safetensors.torch import save_file
-    seen_ptrs = set()
-    clean = {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu")
-        if not t.is_contiguous() or t.data_ptr() in seen_ptrs or t.untyped_storage().nbytes() != t.nbytes:
-            t = t.contiguous().clone()
-        seen_ptrs.add(t.data_ptr())
-        clean[name] = t
-    save_file(clean, path, metadata={"format": "pt", "producer": "sat_quant"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors creates 0600; follow the umask like every other file we write
-    with open(path, "rb+") as f:
+#: safetensors' dtype codes (the header's "dtype" field)
+_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+Layout = Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
+
+
+class TensorStream(NamedTuple):
+    """Tensors to write without holding them all: the full ``layout`` (name → shape, dtype, in file order) up front,
+    then ``groups`` yielding dicts of those tensors (e.g. one module's), produced only as the writer reaches them."""
+    layout: Layout
+    groups: Iterable[Dict[str, torch.Tensor]]
+
+
+def layout_of(tensors: Dict[str, torch.Tensor]) -> Layout:
+    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def write_tensor_file(path: str, tensors: Union[Dict[str, torch.Tensor], TensorStream]) -> str:
+    """Write a safetensors file, fsynced, and return its sha256 (hashed while writing: no second read).
+
+    Hand-written because ``safetensors.torch.save_file`` first copies every tensor into bytes (a second model in
+    memory): here the header comes from the layout, then each tensor's bytes go straight from its storage to the
+    file, one at a time. The format is safetensors' own (8-byte header length, JSON header, data); files are read
+    back by the safetensors library.
+    """
+    stream = tensors if isinstance(tensors, TensorStream) else TensorStream(layout_of(tensors), [tensors])
+    header: Dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "sat_quant"}}
+    offset = 0
+    for name, (shape, dtype) in stream.layout.items():
+        if dtype not in _ST_CODES:
+            raise CheckpointError(f"{name}: dtype {dtype} cannot be stored in safetensors by sat_quant.")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
+    order = iter(stream.layout)
+    wanted = next(order, None)
+    pending: Dict[str, torch.Tensor] = {}
+    with open(path, "wb") as f:  # created with the umask's permissions, like every other file we write
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            f.write(chunk)
+            digest.update(chunk)
+        for group in stream.groups:
+            pending.update(group)
+            while wanted is not None and wanted in pending:
+                tensor = pending.pop(wanted).detach()
+                shape, dtype = stream.layout[wanted]
+                if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                    raise CheckpointError(f"{wanted}: {list(tensor.shape)} {tensor.dtype} does not match its header "
+                                          f"entry {list(shape)} {dtype}; nothing was saved.")
+                data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data)
+                digest.update(data)
+                wanted = next(order, None)
+        if wanted is not None or pending:
+            raise CheckpointError(f"the tensors to save did not match their layout (next expected {wanted!r}, "
+                                  f"unexpected {sorted(pending)[:3]}); nothing was saved.")
+        f.flush()
         os.fsync(f.fileno())
+    return digest.hexdigest()
 
 
 class TensorSource:
@@ -172,4 +223,5 @@ def torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
     return sd["module"]
 
 
-__all__ = ["sha256_file", "write_tensor_file", "TensorSource", "torch_load_safely", "write_stub", "STUB_MESSAGE"]
+__all__ = ["sha256_file", "write_tensor_file", "TensorStream", "layout_of", "Layout", "TensorSource", "torch_load_safely",
+           "write_stub", "STUB_MESSAGE"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from sat.arguments import overwrite_args_by_dict, update_args_with_file
 from sat.model.base_model import BaseModel
@@ -32,7 +32,7 @@ from ..io.layout import (
     saved_model_parallel_size,
     state_file,
 )
-from ..io.load import check_fits, check_sizes_against_table, fill
+from ..io.load import check_fits, check_sizes_against_table, fill, with_adapter_base_names
 from ..io.manifest import config_from_block, describe_block, read_manifest
 from ..io.parallel import agree_across_ranks, open_checkpoint_source, power_of_two
 from ..oom import oom_guidance
@@ -184,11 +184,14 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
     return model, new_args
 
 
-def _fill_from(model: nn.Module, path: str, iteration: int, saved_mp: int, verify: bool) -> None:
+def _fill_from(model: nn.Module, path: str, iteration: int, saved_mp: int, verify: bool,
+               may_be_new: Optional[Callable[[str], bool]] = None) -> None:
     """Check that the checkpoint holds exactly what ``model`` needs (on every rank alike), then copy it in."""
     def open_and_check():
         source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
-        check_fits(model, source)
+        if may_be_new is not None:  # fine-tuning: base weights saved without the adapters now wrapped around them
+            source = with_adapter_base_names(model, source)
+        check_fits(model, source, may_be_new=may_be_new)
         return source
 
     source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
@@ -231,8 +234,10 @@ def load_into_built_model(model: nn.Module, path: str, args: Optional[argparse.N
     """Fill an already built SAT model from a sat_quant checkpoint: SAT's ``load_checkpoint`` contract, used for
     ``--load`` in ``training_main`` and by SAT's own loaders once sat_quant is imported.
 
-    A model built in full precision is quantized in place first, to exactly the checkpoint's layer formats (the
-    model object stays the same, as ``training_main`` holds it). Returns the iteration, 0 when fine-tuning, as SAT.
+    A model built in full precision is quantized in place first, to exactly the checkpoint's layer formats, and a
+    QLoRA checkpoint's adapters are added (the model object stays the same, as ``training_main`` holds it). When
+    fine-tuning, tensors SAT lets a checkpoint lack (mixins, cross attention) and sat_quant's LoRA adapters keep
+    their initialisation. Returns the iteration, 0 when fine-tuning, as SAT.
     """
     if prefix:
         raise CheckpointError(f"{path} is a sat_quant checkpoint; loading one part of it (prefix={prefix!r}) is not "
@@ -245,15 +250,22 @@ def load_into_built_model(model: nn.Module, path: str, args: Optional[argparse.N
     if saved.block and not any(isinstance(m, QuantLinear) for m in module.modules()):
         with oom_guidance(f"quantizing the model to load {path}"):
             quantize_(module, config_from_block(saved.block, where=saved.block_file), init_std=None)
-        if isinstance(module, BaseModel) and "lora" not in module.mixins:
-            attach_lora_from_args(module, argparse.Namespace(**saved.model_config))
-    with oom_guidance(f"loading {path}", model_parallel_size=saved_mp):
-        _fill_from(module, path, saved.iteration, saved_mp, verify)
+    if isinstance(module, BaseModel) and "lora" not in module.mixins:  # a QLoRA checkpoint: its adapters too
+        attach_lora_from_args(module, argparse.Namespace(**saved.model_config))
     mode = getattr(args, "mode", "inference") if args is not None else "inference"
+    fresh = finetune_may_be_new if mode == "finetune" and not getattr(args, "force_train", False) else None
+    with oom_guidance(f"loading {path}", model_parallel_size=saved_mp):
+        _fill_from(module, path, saved.iteration, saved_mp, verify, may_be_new=fresh)
     if mode == "inference":
         module.eval()
     return 0 if mode == "finetune" else saved.iteration
 
 
+def finetune_may_be_new(name: str) -> bool:
+    """SAT's rule for what fine-tuning may add to a checkpoint's model (mixins, cross attention), plus sat_quant's
+    LoRA adapters, which live inside the quantized layers. They keep their fresh initialisation."""
+    return "mixins" in name or "cross_attention" in name or name.endswith((".lora_A", ".lora_B"))
+
+
 __all__ = ["from_pretrained", "model_class_for", "args_from_checkpoint", "load_into_built_model", "read_saved_state",
-           "SavedState"]
+           "finetune_may_be_new", "SavedState"]

@@ -23,10 +23,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qlora")
+    return _run_worker(tmp_path_factory.mktemp("qlora"))
+
+
+def _run_worker(out, *extra):
+    os.makedirs(out, exist_ok=True)
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "workers", "lora_train_worker.py"), str(out)],
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + (os.getpid() + 17 * len(extra)) % 1000))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "workers", "lora_train_worker.py"), str(out),
+                             *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:  # the first run on a machine also compiles deepspeed's small CPU comm op (~45 s, cached after)
@@ -130,9 +135,9 @@ def test_deepspeed_checkpoint_with_numpy_rng_state_still_loads_safely(trained, t
     assert torch.equal(_logits(model.eval(), result["input_ids"]), result["logits"].float())
 
 
-def test_sat_load_into_a_model_without_adapters_names_the_fix(trained):
-    """SAT's own load_checkpoint of a QLoRA checkpoint into a quantized model built without the mixin fails
-    naming the adapters and the fixes, never half-loads silently."""
+def test_sat_load_checkpoint_rebuilds_the_adapters(trained):
+    """SAT's own load_checkpoint (wrapped by sat_quant) of a QLoRA checkpoint into a quantized model built without
+    the mixin adds the checkpoint's adapters and gives the trained model's outputs."""
     from sat.model.official.gpt2_model import GPT2Model
     from sat.training.model_io import load_checkpoint
 
@@ -140,8 +145,25 @@ def test_sat_load_into_a_model_without_adapters_names_the_fix(trained):
     result, _ = trained
     args = sat_args("gpt2", quant=4, skip_init=True, bf16=True)
     model = sat_quant.get_model(args, GPT2Model)
-    with pytest.raises(RuntimeError, match="holds LoRA adapters.*sat-quant merge-lora"):
-        load_checkpoint(model, args, load_path=result["save"])
+    assert load_checkpoint(model, args, load_path=result["save"]) == 8
+    assert isinstance(model.mixins["lora"], QuantLoraMixin)
+    assert torch.equal(_logits(model.eval(), result["input_ids"]), result["logits"].float())
+
+
+def test_training_main_load_starts_from_a_sat_quant_checkpoint(tmp_path):
+    """--load in training_main on a checkpoint written by `sat-quant convert`: SAT's own load_checkpoint (wrapped)
+    fills the 4-bit base, the fresh adapters keep their init (fine-tuning), and training goes on from there."""
+    from tests.conftest import build_fp, save_fp_with_sat
+    model, args = build_fp("gpt2", seed=7)
+    fp = save_fp_with_sat(model, args, tmp_path / "fp")
+    sat_quant.convert(fp, str(tmp_path / "q4"), sat_quant.QuantConfig(bits=4), progress=False)
+    result, _ = _run_worker(tmp_path / "run", "--load", str(tmp_path / "q4"))
+    loaded, _ = sat_quant.from_pretrained(None, str(tmp_path / "q4"))
+    saved = {n: m.neutral_tensors() for n, m in loaded.named_modules() if isinstance(m, sat_quant.QuantLinear)}
+    assert len(saved) == 8 and set(result["base"]) == {n + ".base" for n in saved}
+    assert all(torch.equal(result["base"][n + ".base"][k], v) for n, t in saved.items() for k, v in t.items())
+    losses = result["losses"]
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_cpu_training_setups_sat_cannot_finish_are_refused_up_front(tmp_path):

@@ -2,7 +2,7 @@
 
 Run by tests/sat/test_training_lora.py as a plain process with the environment SAT/deepspeed read (RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK). argv: OUT_DIR [extra SAT flags, e.g. --model-parallel-size 2
-under torchrun --nproc_per_node 2, which also works]. Writes OUT_DIR/result.pt with the losses,
+under torchrun --nproc_per_node 2, which also works, or --load CKPT]. Writes OUT_DIR/result.pt with the losses,
 whether the quantized base stayed bitwise, the trained model's logits and where the checkpoint went.
 """
 import argparse
@@ -96,8 +96,9 @@ def main(out_dir: str, *extra: str) -> None:
         logits = trained(input_ids=ids, position_ids=pos, attention_mask=torch.ones(1, 1, SEQ, SEQ).tril())[0]
     trainable = sorted(n for n, p in trained.named_parameters() if p.requires_grad)
     if int(os.environ.get("RANK", "0")) == 0:
+        base = {n: m.neutral_tensors() for n, m in trained.named_modules() if isinstance(m, QuantLinear)}
         torch.save({"losses": losses, "base_same": base_same, "logits": logits, "save": args.save,
-                    "trainable": trainable, "input_ids": ids}, os.path.join(out_dir, "result.pt"))
+                    "trainable": trainable, "input_ids": ids, "base": base}, os.path.join(out_dir, "result.pt"))
 
 
 if __name__ == "__main__":
