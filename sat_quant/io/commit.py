@@ -48,6 +48,8 @@ def fsync_tree(path: str) -> None:
 def write_text_atomic(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: a reader sees the old content or the new, never a part."""
     tmp = f"{path}.tmp-{os.getpid()}"
+    folder, name = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries(folder, f"{name}.tmp-")  # left by a writer killed before its os.replace
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -211,7 +213,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(parent: str, prefix: str) -> None:
-    """Remove ``{prefix}{pid}*`` entries in ``parent`` whose writer process is gone (a killed earlier run)."""
+    """Remove ``{prefix}{pid}*`` folders and files in ``parent`` whose writer process is gone (a killed earlier run)."""
     try:
         names = os.listdir(parent)
     except OSError:
@@ -221,7 +223,14 @@ def remove_stale_temporaries(parent: str, prefix: str) -> None:
             continue
         digits = name[len(prefix):].split("-", 1)[0]
         if digits.isdigit() and int(digits) != os.getpid() and not _pid_alive(int(digits)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            stale = os.path.join(parent, name)
+            if os.path.isdir(stale) and not os.path.islink(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(stale)  # a single file's temporary (write_text_atomic)
+                except OSError:
+                    pass
 
 
 def temporary_sibling(dst: str) -> str:

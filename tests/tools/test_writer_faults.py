@@ -144,6 +144,11 @@ def faults():
             _, dst = case_folder(case_id, kind, with_dst=True)
             cases.append({"id": case_id, "writer": kind, "fault": "file-size", "src": tiny[SOURCE[kind]], "dst": dst,
                           "limit": FILE_SIZE[kind]})
+        pristine = os.path.join(root, "kill-pristine")
+        os.makedirs(pristine)
+        shutil.copyfile(seeds["plan"], os.path.join(pristine, "plan.json"))
+        cases.append({"id": "kill-steps-plan", "writer": "plan", "fault": "kill-steps", "src": tiny["fp"],
+                      "pristine": pristine, "out": os.path.join(root, "kill-plan"), "name": "plan.json"})
         warm = {kind: (tiny[SOURCE[kind]], os.path.join(root, "warm", _dst_name(kind) + "-" + kind))
                 for kind in SOURCE}
         os.makedirs(os.path.join(root, "warm"))
@@ -160,7 +165,10 @@ def faults():
         results = json.loads(child.stdout.strip().splitlines()[-1])
         after = {case_id: snapshot(d) for case_id, d in case_dirs.items()}
         after_listing = {case_id: sorted(os.listdir(d)) for case_id, d in case_dirs.items()}
-        yield {"results": results, "before": before, "after": after, "listing": listing,
+        kill_dirs = sorted(os.listdir(os.path.join(root, "kill-plan")), key=int)
+        killed = {k: snapshot(os.path.join(root, "kill-plan", k)) for k in kill_dirs}
+        yield {"results": results, "killed": killed, "kill_root": os.path.join(root, "kill-plan"), "tiny": tiny,
+               "old_plan": snapshot(pristine), "before": before, "after": after, "listing": listing,
                "after_listing": after_listing, "cases": {c["id"]: c for c in cases}}
     finally:
         _make_writable(root)
@@ -217,3 +225,24 @@ def test_a_full_disk_fails_the_write_and_changes_nothing(faults, kind):
     assert "the disk is full" in result["line"], result
     assert result["after"] == result["before"], "DST (or the disk around it) changed, or a temporary was left"
     assert any(k == _dst_name(kind) or k.startswith(_dst_name(kind) + "/") for k in result["before"])
+
+
+def test_plan_killed_at_every_step_leaves_the_old_or_the_new_plan_file_and_the_next_run_cleans_up(faults):
+    """``plan -o`` writes one file through write_text_atomic (a temporary, fsync, os.replace): SIGKILLed before each
+    step, the plan file is the old one or the new one, and the next run removes the killed run's temporary."""
+    from sat_quant.tools.cli import main
+    outcomes = faults["results"]["kill-steps-plan"]["outcomes"]
+    assert outcomes[-1] == "completed" and set(outcomes[:-1]) == {"killed"} and len(outcomes) >= 3, outcomes
+    old, new = faults["old_plan"]["plan.json"], faults["killed"][str(len(outcomes))]["plan.json"]
+    assert old != new
+    seen = []
+    for k, files in faults["killed"].items():
+        which = "old" if files["plan.json"] == old else "new" if files["plan.json"] == new else "mixed"
+        assert which != "mixed", f"killed before step {k}: the plan file is neither the old nor the new one"
+        seen.append(which)
+    assert seen[0] == "old" and seen == sorted(seen, key=["old", "new"].index), seen
+    assert any(len(files) > 1 for files in faults["killed"].values()), "no kill left a temporary to clean up"
+    for k in faults["killed"]:  # the next run on each folder
+        folder = os.path.join(faults["kill_root"], k)
+        assert main(["plan", faults["tiny"]["fp"], "--quant-budget", "5bpp", "-o", os.path.join(folder, "plan.json")]) == 0
+        assert os.listdir(folder) == ["plan.json"], os.listdir(folder)

@@ -8,6 +8,8 @@ function ``main`` prints with). The faults are real, nothing is patched:
   so the kernel enforces the folders' permission bits (root ignores them); the caller prepared read-only folders;
 - ``address-space``: ``RLIMIT_AS`` at this process's current size plus ``margin_mb``;
 - ``file-size``: ``RLIMIT_FSIZE`` at ``limit`` bytes (SIGXFSZ ignored, so the write fails with EFBIG);
+- ``kill-steps``: the writer SIGKILLed before each of its filesystem steps in turn (tests/workers/kill_steps.py), on
+  copies of ``pristine`` under ``out``; the outcomes are reported;
 - ``disk-full``: a small tmpfs mounted in a private mount namespace of the fork (needs CAP_SYS_ADMIN; reported as
   ``unavailable`` where the kernel refuses), holding a copy of DST and filled up but for ``slack`` bytes. Only the
   fork sees it, so the fork reports the snapshots of the mount before and after the writer.
@@ -149,6 +151,11 @@ def run_case(case):
             out["base_mb"] = base // 2**20
             with limited(resource.RLIMIT_AS, base + case["margin_mb"] * 2**20):
                 run_writer(kind, case["src"], case["dst"])
+        elif fault == "kill-steps":
+            from tests.workers.kill_steps import kill_at_every_step
+            steps = [(os, "fsync"), (os, "replace"), (os, "rename"), (os, "unlink")]
+            out["outcomes"] = kill_at_every_step(case["pristine"], case["out"], lambda target: run_writer(
+                kind, case["src"], os.path.join(target, case["name"])), steps)
         elif fault == "disk-full":
             if not mount_small_disk(case):
                 return {"type": "unavailable", "message": "mounting a tmpfs is not allowed here"}
