@@ -130,6 +130,9 @@ class PlainBaseNames:
     def get(self, name: str, **kwargs) -> torch.Tensor:
         return self.source.get(self.renames.get(name, name), **kwargs)
 
+    def finish(self) -> None:
+        self.source.finish()
+
 
 def with_adapter_base_names(model: nn.Module, source):
     """``source`` itself, or a ``PlainBaseNames`` view when the model wraps layers in LoRA the checkpoint lacks."""

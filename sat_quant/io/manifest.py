@@ -135,8 +135,12 @@ def read_manifest(load_dir: str, iteration: int, rank: int) -> Optional[Dict[str
     return manifest
 
 
-def open_rank_source(load_dir: str, iteration: int, rank: int, *, checksum: bool = True) -> TensorSource:
+def open_rank_source(load_dir: str, iteration: int, rank: int, *, checksum: bool = True,
+                     background: bool = False) -> TensorSource:
     """This rank's tensor file, verified against its manifest (size always, sha256 when ``checksum``).
+
+    With ``background`` the sha256 runs while the caller reads the tensors; the caller must call the source's
+    ``finish()`` before using what it read (``sat_quant.from_pretrained`` does, and drops the model on failure).
 
     A sat_quant tensor file (safetensors) without its manifest is refused: nothing else says whether its bytes are
     the ones written. SAT's own ``.pt`` files have no manifest and are read as they are (weights only).
@@ -148,8 +152,11 @@ def open_rank_source(load_dir: str, iteration: int, rank: int, *, checksum: bool
                               f"{tensor_path} cannot be verified, so it is not loaded. Restore the file, or re-create "
                               f"the checkpoint (`sat-quant convert` from the full-precision one, or save again).")
     if manifest is not None:
-        verify_tensor_file(tensor_path, manifest, checksum=checksum)
-    return TensorSource(tensor_path)
+        verify_tensor_file(tensor_path, manifest, checksum=checksum and not background)
+    source = TensorSource(tensor_path)
+    if manifest is not None and checksum and background:
+        source.check_while_reading(lambda: verify_tensor_file(tensor_path, manifest))
+    return source
 
 
 def verify_tensor_file(path: str, manifest: Dict[str, Any], checksum: bool = True) -> None:

@@ -152,6 +152,10 @@ class ReshardedSource:
             self._layout = layout
         return self._layout
 
+    def finish(self) -> None:
+        for source in self.sources:
+            source.finish()
+
     def get(self, name: str, **kwargs) -> torch.Tensor:
         kind = self.kinds.get(name)
         if kind is None:
@@ -164,13 +168,15 @@ def power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def open_checkpoint_source(path: str, iteration: int, saved_mp: int, model: nn.Module, *, verify: bool = True):
+def open_checkpoint_source(path: str, iteration: int, saved_mp: int, model: nn.Module, *, verify: bool = True,
+                           background: bool = False):
     """The tensor source this rank reads: its own file when the model-parallel size matches the checkpoint's,
-    else every saved shard merged/split to this rank's partition (no dequantization)."""
+    else every saved shard merged/split to this rank's partition (no dequantization). ``background``: see
+    ``open_rank_source`` (call the source's ``finish()`` after reading)."""
     rank, world = model_parallel_rank()
 
     def open_rank(r: int) -> TensorSource:
-        return open_rank_source(path, iteration, r, checksum=verify)
+        return open_rank_source(path, iteration, r, checksum=verify, background=background)
 
     if saved_mp == world:
         return open_rank(rank)

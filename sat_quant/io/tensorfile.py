@@ -11,7 +11,8 @@ import json
 import math
 import os
 import struct
-from typing import Any, Dict, Iterable, NamedTuple, Tuple, Union
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -102,6 +103,7 @@ class TensorSource:
         self.path = path
         self._handle = None
         self._mapped_bytes = 0
+        self._pending_check: Optional[Future] = None
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             self._open = lambda: safe_open(path, framework="pt", device="cpu")
@@ -123,6 +125,20 @@ class TensorSource:
 
     def layout(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         return self._shapes
+
+    def check_while_reading(self, check: Callable[[], None]) -> None:
+        """Run ``check`` (the file's sha256) in a thread while tensors are read and repacked: hashlib and file
+        reads release the GIL, so verification overlaps the load instead of adding a pass before it."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sat_quant-verify")
+        self._pending_check = pool.submit(check)
+        pool.shutdown(wait=False)  # the submitted check still runs to its end; ``finish`` waits for it
+
+    def finish(self) -> None:
+        """Wait for ``check_while_reading``'s check and raise what it raised: whatever was read from this source
+        must then be discarded (the loaders drop the model they were filling)."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is not None:
+            pending.result()
 
     def get(self, name: str, *, owned: bool = True) -> torch.Tensor:
         """The tensor ``name``; with ``owned`` (default) in memory of its own, never a view of the file's map.

@@ -178,17 +178,22 @@ def from_pretrained(model_cls, name: str, args: Optional[argparse.Namespace] = N
         # building on meta is cheap; it also initialises SAT's model-parallel groups, which say what to read
         model = build_quantized(new_args, cls, config, **kwargs)
         attach_lora_from_args(model, new_args)  # a QLoRA checkpoint: its adapters (quant_lora in the config)
-        if not build_only:
-            _fill_from(model, path, iteration, saved_mp, verify)
+        if not build_only:  # the model is ours until returned: verification may overlap the filling
+            _fill_from(model, path, iteration, saved_mp, verify, verify_while_filling=True)
     new_args.model_parallel_size = model_parallel_rank()[1]
     return model, new_args
 
 
 def _fill_from(model: nn.Module, path: str, iteration: int, saved_mp: int, verify: bool,
-               may_be_new: Optional[Callable[[str], bool]] = None) -> None:
-    """Check that the checkpoint holds exactly what ``model`` needs (on every rank alike), then copy it in."""
+               may_be_new: Optional[Callable[[str], bool]] = None, *, verify_while_filling: bool = False) -> None:
+    """Check that the checkpoint holds exactly what ``model`` needs (on every rank alike), then copy it in.
+
+    ``verify_while_filling`` hashes the files while the model is filled (one pass over the data instead of two):
+    only for a model the caller drops when this raises.
+    """
     def open_and_check():
-        source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify)
+        source = open_checkpoint_source(path, iteration, saved_mp, model, verify=verify,
+                                        background=verify_while_filling)
         if may_be_new is not None:  # fine-tuning: base weights saved without the adapters now wrapped around them
             source = with_adapter_base_names(model, source)
         check_fits(model, source, may_be_new=may_be_new)
@@ -196,6 +201,7 @@ def _fill_from(model: nn.Module, path: str, iteration: int, saved_mp: int, verif
 
     source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
     fill(model, source)
+    agree_across_ranks(source.finish, f"verifying {path}")
 
 
 class SavedState(NamedTuple):

@@ -111,3 +111,24 @@ def test_saving_holds_no_second_copy_of_the_model(tmp_path):
     assert rises["stream"] <= 512 < rises["gather"], rises
     assert load_file(str(tmp_path / "stream" / "1" / "mp_rank_00_model_states.safetensors")).keys() == \
         load_file(str(tmp_path / "gather" / "1" / "mp_rank_00_model_states.safetensors")).keys()
+
+
+def test_verification_while_reading_reports_a_flipped_byte_at_finish(tmp_path):
+    """open_rank_source(background=True): the sha256 runs while tensors are read; finish() raises on a flip (the
+    loader then drops the model it filled), and passes on an intact file."""
+    from sat_quant.io.manifest import open_rank_source, write_rank_files
+    folder = tmp_path / "1"
+    write_rank_files(str(folder), 1, 0, {"w": torch.arange(4096, dtype=torch.float32)}, None, {})
+    intact = open_rank_source(str(tmp_path), 1, 0, background=True)
+    assert torch.equal(intact.get("w"), torch.arange(4096, dtype=torch.float32))
+    intact.finish()
+    path = folder / "mp_rank_00_model_states.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    source = open_rank_source(str(tmp_path), 1, 0, background=True)  # the size still matches: no error yet
+    source.get("w")
+    with pytest.raises(CheckpointError, match="fails its sha256 check"):
+        source.finish()
+    with pytest.raises(CheckpointError, match="fails its sha256 check"):
+        open_rank_source(str(tmp_path), 1, 0)  # the default still verifies before anything is read
