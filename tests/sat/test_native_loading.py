@@ -139,6 +139,23 @@ def test_cogvlm_through_automodel_and_its_class(tmp_path):
             assert torch.equal(loaded.eval()(**inputs)[0], expected)
 
 
+def test_cogagent_through_automodel_and_its_class(tmp_path):
+    """CogAgent, the CLI demo's default model (cross tower with a zero-padded ragged layer): SAT's own loaders read
+    its sat_quant checkpoint quantized, same logits as the model that was saved."""
+    from tests.cogagent_fixture import TinyCogAgentModel, tiny_cogagent_args, tiny_cogagent_inputs
+    args = tiny_cogagent_args(quant=4, skip_init=False)
+    torch.manual_seed(0)
+    model = sat_quant.get_model(args, TinyCogAgentModel).eval()
+    sat_quant.save_checkpoint(model, str(tmp_path / "q"), args=args)
+    inputs = tiny_cogagent_inputs()
+    expected = run_logits(model, inputs)
+    for loaded in (AutoModel.from_pretrained(str(tmp_path / "q"))[0],
+                   TinyCogAgentModel.from_pretrained(str(tmp_path / "q"), tiny_cogagent_args())[0]):
+        assert type(loaded) is TinyCogAgentModel and _layers(loaded) == _layers(model)
+        assert any(n.startswith("mixins.encoder.") for n in _layers(loaded))  # the cross tower too
+        assert torch.equal(run_logits(loaded.eval(), inputs), expected)
+
+
 def test_without_sat_quant_sat_stops_with_one_sentence(checkpoints):
     """A fresh interpreter that never imports sat_quant: AutoModel stops before building (model_class names the
     fix), Cls.from_pretrained at the stub (torch.load raises the sentence), never with SAT's missing-key list."""
