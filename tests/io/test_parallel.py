@@ -112,6 +112,7 @@ def test_model_parallel_quantize_save_load_reshard(fp_models, mp_run):
     assert ((fp_to_mp2 - expected).norm() / expected.norm()).item() < 0.02
     assert torch.equal(torch.load(out / "mp2_reload.pt"), fp_to_mp2), "same shards reload bitwise"
     assert torch.equal(torch.load(out / "mp1_to_mp2.pt"), fp_to_mp2), "mp=1 → mp=2 reshard = quantizing at mp=2"
+    assert torch.equal(torch.load(out / "sat_automodel_mp1_to_mp2.pt"), fp_to_mp2), "SAT's AutoModel reshards alike"
     shards = sorted(os.listdir(out / "q-mp2" / "1"))
     assert [s for s in shards if s.endswith(".safetensors")] == ["mp_rank_00_model_states.safetensors",
                                                                   "mp_rank_01_model_states.safetensors"]

@@ -2,7 +2,8 @@
 
 argv: FP_DIR Q1_DIR OUT_DIR. Loads (a) the full-precision checkpoint with --quant 4 (each rank quantizes
 only its own partition), saves it as an mp=2 quantized checkpoint, reloads that, and (b) the mp=1
-quantized checkpoint Q1_DIR resharded to mp=2; rank 0 writes each run's logits to OUT_DIR.
+quantized checkpoint Q1_DIR resharded to mp=2, by sat_quant and by SAT's own AutoModel.from_pretrained (as
+CogVLM's scripts call it); rank 0 writes each run's logits to OUT_DIR.
 """
 import os
 import sys
@@ -38,6 +39,13 @@ def main(fp_dir: str, q1_dir: str, out_dir: str) -> None:
     record("mp2_reload", model)
     model, _ = sat_quant.from_pretrained(cls, q1_dir, args=args(), overwrite_args={"model_parallel_size": 2})
     record("mp1_to_mp2", model)
+    # SAT's own AutoModel, called as CogVLM's unpatched cli_demo_sat.py calls it under torchrun
+    from sat.model.base_model import AutoModel
+    world = torch.distributed.get_world_size()
+    model, _ = AutoModel.from_pretrained(q1_dir, args=args(world_size=world, rank=rank, local_rank=rank, deepspeed=None,
+                                                           skip_init=True, use_gpu_initialization=False),
+                                         overwrite_args={"model_parallel_size": world})
+    record("sat_automodel_mp1_to_mp2", model)
     torch.distributed.barrier()
 
 
