@@ -6,7 +6,7 @@ import argparse
 import datetime
 import os
 
-from . import accuracy, e2e, eval_memory, kernels, load, notes, startup
+from . import accuracy, e2e, eval_memory, full_size, kernels, load, notes, startup
 from .machine import describe
 
 
@@ -24,8 +24,9 @@ def _replace_section(document: str, section: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-reference", action="store_true", help="skip the slow dequantize-per-call reference rows")
-    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "e2e", "eval_memory", "startup", "notes"], default=None,
-                        help="run one section")
+    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "e2e", "eval_memory", "startup", "notes",
+                                           "full_size"], default=None,
+                        help="run one section (full_size, up to ~45 min, runs only when asked)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     ns = parser.parse_args()
     sections = [f"# sat_quant benchmark results\n\nWritten by `python -m benchmarks` on "
@@ -44,6 +45,8 @@ def main() -> None:
         sections.append(startup.run())
     if ns.only in (None, "notes"):
         sections.append(notes.run())
+    if ns.only == "full_size":
+        sections.append(full_size.run())
     if ns.only and os.path.exists(ns.out):  # keep the other sections of an earlier full run
         sections = _replace_section(open(ns.out).read(), sections[1])
     else:

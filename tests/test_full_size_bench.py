@@ -1,0 +1,43 @@
+"""benchmarks/full_size.py at the tests' tiny real CogVLM and CogAgent: every step runs (build, save, fresh-process
+load, image+text prompt, decode) and fills its row; the full-size run uses the same code on configs/*.json."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(*argv):
+    return subprocess.run([sys.executable, "-m", "benchmarks.full_size", "--tiny", "--formats", "int4",
+                           "--new-tokens", "3", *argv], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
+
+
+def _rows(stdout):
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
+            for line in stdout.splitlines() if line.startswith("| cog")}
+
+
+def test_every_step_fills_its_row_and_the_work_folder_is_left_clean(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _bench("--work", str(work))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(result.stdout)
+    assert set(rows) == {"cogvlm", "cogagent"}, result.stdout
+    for model, cells in rows.items():
+        assert len(cells) == 13 and all(float(c) >= 0 for c in cells), (model, cells)
+        weights, checkpoint, decode = float(cells[0]), float(cells[5]), float(cells[10])
+        assert weights > 0 and checkpoint > 0 and decode > 0, (model, cells)
+    assert int(rows["cogvlm"][8]) == 256 + 3 + 13  # prompt tokens: image, bos/boi/eoi, the question
+    assert os.listdir(work) == []  # the checkpoints it wrote are removed; nothing else was there
+
+
+def test_an_existing_folder_in_the_work_directory_is_never_touched(tmp_path):
+    mine = tmp_path / "cogvlm-int4"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("the user's")
+    result = _bench("--work", str(tmp_path), "--models", "cogvlm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already exists" in result.stdout
+    assert (mine / "keep.txt").read_text() == "the user's" and os.listdir(mine) == ["keep.txt"]
