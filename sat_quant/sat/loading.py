@@ -243,7 +243,8 @@ def load_into_built_model(model: nn.Module, path: str, args: Optional[argparse.N
     A model built in full precision is quantized in place first, to exactly the checkpoint's layer formats, and a
     QLoRA checkpoint's adapters are added (the model object stays the same, as ``training_main`` holds it). When
     fine-tuning, tensors SAT lets a checkpoint lack (mixins, cross attention) and sat_quant's LoRA adapters keep
-    their initialisation. Returns the iteration, 0 when fine-tuning, as SAT.
+    their initialisation. Returns the iteration, 0 when fine-tuning, as SAT. If it raises, the model must not be
+    used (it may already be quantized): SAT's callers stop there.
     """
     if prefix:
         raise CheckpointError(f"{path} is a sat_quant checkpoint; loading one part of it (prefix={prefix!r}) is not "
@@ -259,7 +260,9 @@ def load_into_built_model(model: nn.Module, path: str, args: Optional[argparse.N
     if isinstance(module, BaseModel) and "lora" not in module.mixins:  # a QLoRA checkpoint: its adapters too
         attach_lora_from_args(module, argparse.Namespace(**saved.model_config))
     mode = getattr(args, "mode", "inference") if args is not None else "inference"
-    fresh = finetune_may_be_new if mode == "finetune" and not getattr(args, "force_train", False) else None
+    fresh = None  # SAT: inference and pretraining need every tensor; fine-tuning may add mixins, --force_train anything
+    if mode == "finetune":
+        fresh = (lambda name: True) if getattr(args, "force_train", False) else finetune_may_be_new
     with oom_guidance(f"loading {path}", model_parallel_size=saved_mp):
         _fill_from(module, path, saved.iteration, saved_mp, verify, may_be_new=fresh)
     if mode == "inference":
