@@ -18,6 +18,22 @@ from sat.model.official.llama_model import LLaMAModel  # noqa: E402
 
 import tests.cogvlm_fixture  # noqa: E402,F401  (sets $SAT_QUANT_COGVLM_DIR for the package's CogVLM helpers)
 
+
+def _cpu_has_avx512() -> bool:
+    """Read from /proc/cpuinfo here, not from the kernel module, so a wrong detection there fails a test."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
+
+
+#: sat_quant's nf4/fp4 CPU kernel ("lut") runs on AVX-512 CPUs only; elsewhere auto picks bitsandbytes
+HAS_AVX512 = _cpu_has_avx512()
+NF4_CPU_BACKEND = "lut" if HAS_AVX512 else "bitsandbytes"
+#: like the tests marked cuda, the lut kernel's own tests run where the hardware is; the fallback has CPU tests
+needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="the lut kernel needs AVX-512 F/BW/VL, which this CPU lacks")
+
 SAT_MODELS = {
     "gpt2": (GPT2Model, dict(num_layers=2, hidden_size=256, num_attention_heads=4, vocab_size=1000,
                              max_sequence_length=64)),

@@ -3,6 +3,7 @@ greedily through SAT's filling_sequence with the KV cache, and reports what the 
 import pytest
 
 from benchmarks import e2e
+from tests.conftest import NF4_CPU_BACKEND
 
 SMALL_LLAMA = dict(num_layers=2, hidden_size=256, num_attention_heads=4, inner_hidden_size=512, vocab_size=1000,
                    max_sequence_length=128, layernorm_order="pre")
@@ -15,7 +16,7 @@ def small(monkeypatch):
     monkeypatch.setattr(e2e, "REPEATS", 1)
 
 
-@pytest.mark.parametrize("variant,backend", [("fp32", None), ("nf4-bf16", "lut")])
+@pytest.mark.parametrize("variant,backend", [("fp32", None), ("nf4-bf16", NF4_CPU_BACKEND)])
 def test_llama_probe_generates_and_measures(small, variant, backend):
     r = e2e.probe("llama", variant)
     assert len(r["tokens"]) == 4 and all(0 <= t < 1000 for t in r["tokens"])
@@ -27,7 +28,7 @@ def test_llama_probe_generates_and_measures(small, variant, backend):
 
 def test_cogvlm_probe_generates_with_the_image_prompt(small):
     r = e2e.probe("cogvlm", "nf4-fp32")
-    assert len(r["tokens"]) == 4 and all(0 <= t < 1000 for t in r["tokens"]) and r["backends"] == ["lut"]
+    assert len(r["tokens"]) == 4 and all(0 <= t < 1000 for t in r["tokens"]) and r["backends"] == [NF4_CPU_BACKEND]
     assert r["weight_bytes"] < r["params"] * 4 / 2
 
 

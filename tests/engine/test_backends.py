@@ -5,9 +5,11 @@ import torch
 from sat_quant import QuantBackendError, get_format
 from sat_quant.engine.backends import BACKENDS, select_backend
 from sat_quant.engine.backends.torch_native import _cpu_pack_reference, _cpu_unpack, cpu_int4_block_n
+from tests.conftest import needs_avx512
 
-FAST = [("int8", "torch"), ("int4", "torch"), ("int4c", "torch"), ("nf4", "lut"), ("fp4", "lut"), ("nf4", "bitsandbytes"),
-        ("fp4", "bitsandbytes")]
+FAST_PAIRS = [("int8", "torch"), ("int4", "torch"), ("int4c", "torch"), ("nf4", "lut"), ("fp4", "lut"),
+              ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes")]
+FAST = [pytest.param(*pair, marks=needs_avx512) if pair[1] == "lut" else pair for pair in FAST_PAIRS]
 # Output tolerance relative to max|y|. torch's CPU kernels take bf16 activations (sat_quant casts, see
 # backends/torch_native.py): 8 mantissa bits, i.e. ~0.4% per element, accumulated in fp32; bitsandbytes
 # keeps the input dtype, so fp32 is exact up to summation order and fp16 carries 11 bits.
@@ -83,7 +85,7 @@ def test_explicit_backend_that_cannot_run_is_a_clear_error():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fmt_name,backend_name", [f for f in FAST if f[1] != "lut"])
+@pytest.mark.parametrize("fmt_name,backend_name", [f for f in FAST_PAIRS if f[1] != "lut"])
 def test_cuda_kernels_match_reference(fmt_name, backend_name):
     fmt = get_format(fmt_name)
     spec = fmt.spec(256, 1024)
