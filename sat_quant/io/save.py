@@ -131,15 +131,15 @@ def _save_failed(exc: BaseException, final_dir: str, save_dir: str, committed: b
     why = "the disk is full" if is_disk_full(exc) else f"{getattr(exc, 'strerror', None) or exc}"
     if not committed:
         return CheckpointWriteError(f"saving to {final_dir} failed: {why}. Nothing was replaced: the previous "
-                               f"checkpoint in {save_dir} (if any) is still the one 'latest' names; free "
-                               f"space (or fix the cause) and save again.")
+                                    f"checkpoint in {save_dir} (if any) is still the one 'latest' names; free "
+                                    f"space (or fix the cause) and save again.")
     if not os.path.exists(os.path.join(save_dir, "latest")):
         return CheckpointWriteError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
-                               f"{save_dir} holds no complete checkpoint yet (no 'latest'); free space (or fix the "
-                               f"cause) and save again.")
+                                    f"{save_dir} holds no complete checkpoint yet (no 'latest'); free space (or fix "
+                                    f"the cause) and save again.")
     return CheckpointWriteError(f"saving to {final_dir} failed after its tensor files were in place: {why}. "
-                           f"{save_dir}/latest names a complete checkpoint (the previous iteration, or this one "
-                           f"when it was overwritten); free space (or fix the cause) and save again.")
+                                f"{save_dir}/latest names a complete checkpoint (the previous iteration, or this "
+                                f"one when it was overwritten); free space (or fix the cause) and save again.")
 
 
 def write_folder_config(folder: str, model_config: Dict[str, Any], iteration: int) -> None:

@@ -52,10 +52,11 @@ def layout_of(tensors: Dict[str, torch.Tensor]) -> Layout:
 def write_tensor_file(path: str, tensors: Union[Dict[str, torch.Tensor], TensorStream]) -> str:
     """Write a safetensors file, fsynced, and return its sha256 (hashed while writing: no second read).
 
-    Hand-written because ``safetensors.torch.save_file`` first copies every tensor into bytes (a second model in
-    memory): here the header comes from the layout, then each tensor's bytes go straight from its storage to the
-    file, one at a time. The format is safetensors' own (8-byte header length, JSON header, data); files are read
-    back by the safetensors library.
+    Hand-written because ``safetensors.torch.save_file`` needs every tensor at once, and a quantized layer's saved
+    (kernel-neutral) tensors are new tensors unpacked from its kernel layout: holding all of them is a second copy
+    of the weights. Here the header comes from the layout, then each group's tensors are produced, written straight
+    from their storage and dropped, one at a time. The format is safetensors' own (8-byte header length, JSON
+    header, data); files are read back by the safetensors library.
     """
     stream = tensors if isinstance(tensors, TensorStream) else TensorStream(layout_of(tensors), [tensors])
     header: Dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "sat_quant"}}
