@@ -6,7 +6,7 @@ import argparse
 import datetime
 import os
 
-from . import accuracy, e2e, eval_memory, full_size, kernels, load, notes, startup
+from . import accuracy, e2e, eval_memory, full_size, kernels, load, notes, prefill, startup
 from .machine import describe
 
 
@@ -24,7 +24,7 @@ def _replace_section(document: str, section: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-reference", action="store_true", help="skip the slow dequantize-per-call reference rows")
-    parser.add_argument("--only", choices=["accuracy", "kernels", "load", "e2e", "eval_memory", "startup", "notes",
+    parser.add_argument("--only", choices=["accuracy", "kernels", "prefill", "load", "e2e", "eval_memory", "startup", "notes",
                                            "full_size"], default=None,
                         help="run one section (full_size, up to ~45 min, runs only when asked)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
@@ -37,6 +37,8 @@ def main() -> None:
         sections.append(load.run())
     if ns.only in (None, "kernels"):
         sections.append(kernels.run(include_reference=not ns.no_reference))
+    if ns.only in (None, "prefill"):
+        sections.append(prefill.run())
     if ns.only in (None, "e2e"):
         sections.append(e2e.run())
     if ns.only in (None, "eval_memory"):

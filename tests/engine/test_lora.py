@@ -7,13 +7,13 @@ import torch
 import sat_quant
 from sat_quant import QuantConfig, QuantLinear
 from sat_quant.engine.lora import LoraQuantLinear, add_lora_, merge_lora_
+from sat_quant.sat.build import build_quantized
 from tests.conftest import SAT_MODELS, run_logits, sat_args
 
 
 def quantized_llama(fp_models, **config):
     _, state, inputs, _ = fp_models["llama"]
-    model = sat_quant.sat.build.build_quantized(sat_args("llama", skip_init=True), SAT_MODELS["llama"][0],
-                                            QuantConfig(bits=4, **config))
+    model = build_quantized(sat_args("llama", skip_init=True), SAT_MODELS["llama"][0], QuantConfig(bits=4, **config))
     model.load_state_dict(state, strict=False)
     return model, inputs
 

@@ -1,21 +1,28 @@
 """The contract of a kernel backend: turn neutral tensors into a kernel layout and run x @ W^T.
 
-A backend never changes what is saved: ``to_neutral`` gives back the exact neutral tensors.
+A backend never changes what is saved: ``to_neutral`` gives back the exact neutral tensors. ``linear`` picks the path
+per call: the backend's weight-only kernel, or for many rows the prefill path (dequantized tiles + dense GEMM,
+:mod:`.prefill`) from the row count the backend declares for that layout and device.
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from typing import ClassVar, Dict, Optional
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
 from ..formats import LayerSpec, WeightFormat
+from .prefill import WeightTiles, gemm_dtype, rows_per_tile, tiled_linear
 
 KernelTensors = Dict[str, torch.Tensor]
 
 
 class Backend(ABC):
     name: ClassVar[str]
+    #: (kernel layout, device type) → the row count (tokens in one call) from which ``linear`` takes the prefill
+    #: path; absent: always the kernel. Measured per backend in benchmarks/RESULTS.md "Prefill".
+    prefill_rows: ClassVar[Dict[Tuple[str, str], int]] = {}
 
     @abstractmethod
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
@@ -34,9 +41,31 @@ class Backend(ABC):
         """Inverse of prepare, exact; derived per-dtype caches (keys starting with '_') are dropped."""
         return {k: v for k, v in kernel.items() if not k.startswith("_")}
 
-    @abstractmethod
     def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
-        """x [..., in] → x @ W^T [..., out] in x's dtype, without bias."""
+        """x [..., in] → x @ W^T [..., out] in x's dtype, without bias: the kernel, or the prefill path for many rows."""
+        if self.takes_prefill_path(x, fmt):
+            dtype = gemm_dtype(x)
+            return tiled_linear(x, spec.out_features, self.weight_tiles(fmt, spec, kernel, dtype), dtype)
+        return self.kernel_linear(x, fmt, spec, kernel)
+
+    def takes_prefill_path(self, x: torch.Tensor, fmt: WeightFormat) -> bool:
+        threshold = self.prefill_rows.get((fmt.kernel_layout, x.device.type))
+        return threshold is not None and x.numel() >= threshold * x.shape[-1]
+
+    @abstractmethod
+    def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
+        """x [..., in] → x @ W^T [..., out] in x's dtype, without bias, through this backend's kernel."""
+
+    def weight_tiles(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors, dtype: torch.dtype) -> WeightTiles:
+        """The dense weight [out, in] in ``dtype``, a tile of output rows at a time, from the neutral tensors (every
+        format's neutral tensors are row-major: row slices dequantize on their own). Backends whose kernel layout
+        needs a costly ``to_neutral`` override this to dequantize straight from it."""
+        neutral = self.to_neutral(fmt, spec, kernel)
+        step = rows_per_tile(spec.out_features, spec.padded_in_features, dtype)
+        for start in range(0, spec.out_features, step):
+            stop = min(start + step, spec.out_features)
+            part = {name: t[start:stop] for name, t in neutral.items()}
+            yield start, stop, fmt.dequantize(part, dataclasses.replace(spec, out_features=stop - start), dtype)
 
 
 def pad_activation(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:

@@ -12,6 +12,9 @@ from .base import Backend, KernelTensors, pad_activation
 
 class BitsAndBytesBackend(Backend):
     name = "bitsandbytes"
+    # bitsandbytes' CPU matmul_4bit dequantizes per call in plain loops: dequantized tiles + a float32 GEMM win
+    # from about this many rows (benchmarks/RESULTS.md, "Prefill"). On CUDA its kernels are left as they are.
+    prefill_rows = {("codebook4", "cpu"): 192}
 
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
         if getattr(fmt, "bnb_quant_type", None) is None:
@@ -36,7 +39,7 @@ class BitsAndBytesBackend(Backend):
             kernel[key] = state
         return state
 
-    def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
+    def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         import bitsandbytes as bnb
         state = self._state(fmt, spec, kernel, x.dtype)
         packed = kernel["qweight"].reshape(-1, 1)

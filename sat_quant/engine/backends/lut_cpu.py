@@ -16,6 +16,9 @@ from .base import Backend, KernelTensors, cached, pad_activation
 
 class LutCpuBackend(Backend):
     name = "lut"
+    # Set high on purpose: the kernel needs AVX-512 and no such machine measured the crossover yet (benchmarks/RESULTS.md
+    # "Prefill" says where it was measured); at batch 16 it runs at 2.7x bf16 dense.
+    prefill_rows = {("codebook4", "cpu"): 512}
 
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
         if fmt.kernel_layout != "codebook4":
@@ -25,7 +28,7 @@ class LutCpuBackend(Backend):
         from ..kernels import lut4
         return lut4.supports_shape(spec.padded_in_features, spec.group_size) or lut4.unavailable_reason()
 
-    def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
+    def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         from ..kernels import lut4
         table = cached(kernel, "_table", lambda: fmt.table_tensor())
         return lut4.linear(pad_activation(x, spec), kernel["qweight"], kernel["absmax"], table, spec.group_size)

@@ -20,5 +20,5 @@ class ReferenceBackend(Backend):
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
         return None
 
-    def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
+    def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         return F.linear(x, fmt.dequantize(kernel, spec, dtype=x.dtype))

@@ -8,6 +8,7 @@ torch's converter bit for bit, then we pack and unpack with plain tensor ops (se
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -15,6 +16,7 @@ import torch
 
 from ..formats import LayerSpec, WeightFormat, pack_nibbles, unpack_nibbles
 from .base import Backend, KernelTensors, cached, pad_activation
+from .prefill import WeightTiles, rows_per_tile
 
 _INT4_GROUPS = (32, 64, 128, 256)
 
@@ -48,8 +50,25 @@ def cpu_int4_block_n() -> Optional[int]:
     return None
 
 
+def _cpu_dequantize_blocks(packed: torch.Tensor, k: int, block_n: int, scale: torch.Tensor, zero: torch.Tensor,
+                           group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Kernel bytes of whole row blocks [rows/BN * K * BN/2] → [rows, K] weight ``(q - zero) * scale`` in ``dtype``,
+    computed in float32 as the format's ``dequantize`` does (bitwise the same weight): each nibble is written once,
+    transposed and converted in the same copy, then scaled in place."""
+    half = block_n // 2
+    p = packed.reshape(-1, k, half)
+    w = torch.empty(p.shape[0], block_n, k, dtype=torch.float32)
+    w[:, :half].copy_((p & 15).transpose(1, 2))
+    w[:, half:].copy_((p >> 4).transpose(1, 2))
+    w = w.reshape(-1, k // group_size, group_size)
+    return w.sub_(zero[..., None]).mul_(scale[..., None]).reshape(-1, k).to(dtype)
+
+
 class TorchNativeBackend(Backend):
     name = "torch"
+    # From these rows on, dequantized tiles + a float32 GEMM beat torch's CPU kernels (benchmarks/RESULTS.md,
+    # "Prefill", 2-core AVX2 machine): int4 tinygemm and int8 pack-mm grow with rows faster than MKL's GEMM.
+    prefill_rows = {("int4_affine", "cpu"): 512, ("int8_rowwise", "cpu"): 256}
 
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
         dev = torch.device(device).type
@@ -105,8 +124,24 @@ class TorchNativeBackend(Backend):
             qweight = pack_nibbles(codes)
         return {"qweight": qweight, **{k: v for k, v in kernel.items() if not k.startswith("_") and k != "packed"}}
 
+    def weight_tiles(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors, dtype: torch.dtype) -> WeightTiles:
+        if fmt.kernel_layout != "int4_affine" or "packed" not in kernel or "_neutral_qweight" in kernel:
+            yield from super().weight_tiles(fmt, spec, kernel, dtype)
+            return
+        # straight from the CPU kernel's bytes: whole blocks of BN rows are a contiguous slice of them
+        block_n, k = cpu_int4_block_n(), spec.padded_in_features
+        groups = {name: t for name, t in kernel.items() if not name.startswith("_") and name != "packed"}
+        step = rows_per_tile(spec.out_features, k, dtype, multiple=block_n)
+        for start in range(0, spec.out_features, step):
+            stop = min(start + step, spec.out_features)
+            part = {name: t[start:stop] for name, t in groups.items()}
+            scale, zero = fmt.affine_groups(part, dataclasses.replace(spec, out_features=stop - start))
+            packed = kernel["packed"][start:stop]
+            yield start, stop, _cpu_dequantize_blocks(packed, k, block_n, scale, zero, spec.group_size,
+                                                      dtype)[:, :spec.in_features]
+
     # -- compute ----------------------------------------------------------------------------------
-    def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
+    def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         shape = x.shape
         # Both kernels are fast only with bf16 activations (on CPU fp32 input takes a path ~10x slower
         # than dense fp32, see benchmarks/RESULTS.md); they accumulate in fp32. The activation rounding
