@@ -4,7 +4,14 @@ import torch
 
 from sat_quant import QuantBackendError, get_format
 from sat_quant.engine.backends import BACKENDS, select_backend
-from sat_quant.engine.backends.torch_native import _cpu_pack_reference, _cpu_unpack, cpu_int4_block_n
+from sat_quant.engine.backends.torch_native import (
+    _cpu_pack_neutral,
+    _cpu_pack_reference,
+    _cpu_unpack,
+    _cpu_unpack_neutral,
+    cpu_int4_block_n,
+)
+from sat_quant.engine.formats import pack_nibbles
 from tests.conftest import needs_avx512
 
 FAST_PAIRS = [("int8", "torch"), ("int4", "torch"), ("int4c", "torch"), ("nf4", "lut"), ("fp4", "lut"),
@@ -61,6 +68,10 @@ def test_cpu_int4_layout_probe_matches_torch_packing():
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     assert torch.equal(_cpu_pack_reference(codes, block_n), packed)
     assert torch.equal(_cpu_unpack(packed, block_n * 3, 96, block_n).int(), codes)
+    # the byte-level repack used at load and save: neutral bytes straight to torch's bytes and back
+    neutral = pack_nibbles(codes)
+    assert torch.equal(_cpu_pack_neutral(neutral, block_n), packed)
+    assert torch.equal(_cpu_unpack_neutral(packed, block_n * 3, 96, block_n), neutral)
 
 
 @pytest.mark.parametrize("fmt_name", ["int8", "int4", "int4c", "nf4", "fp4"])
