@@ -240,3 +240,13 @@ def test_column_scales_undo_a_per_column_scaling_and_lower_the_error():
     plain = ((fmt.dequantize(fmt.quantize(w, spec), spec) - w) ** 2).sum()
     scaled = ((fmt.dequantize(fmt.quantize(w / t, spec), spec) * t - w) ** 2).sum()
     assert scaled < 0.7 * plain  # measured 0.57: the big columns no longer set every group's range
+
+
+def test_column_scales_leave_zero_rows_and_columns_alone():
+    from sat_quant.engine.formats.int4_search import column_scales
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    w[0] = 0.0
+    w[:, 5] = 0.0
+    t = column_scales(w)
+    assert torch.isfinite(t).all() and (t.half() > 0).all()  # an fp16 t never divides by zero
+    assert torch.equal(column_scales(torch.zeros(8, 16)), torch.ones(16))
