@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ def model_tensor_stream(model: nn.Module) -> TensorStream:
 
 
 def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *, iteration: int = 1,
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, tensors: Optional[TensorStream] = None) -> str:
     """Save ``model`` (quantized or not) under ``save_dir`` in SAT's layout; returns the iteration directory.
 
     ``model_config`` is what model_config.json holds besides the quantization block (SAT's args, from the sat
@@ -82,6 +82,10 @@ def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *,
     Refuses to replace an existing iteration unless ``overwrite``. The iteration folder is written as a
     temporary sibling and swapped in; ``latest`` is updated last, so a kill or a failure at any point leaves the
     previous checkpoint loadable.
+
+    ``tensors`` replaces the model's own tensors (``model_tensor_stream``): ``sat-quant convert`` passes a model
+    built on meta, with no storage, and the stream that quantizes each layer from the source as it is written. The
+    stream's layout must be ``expected_layout(model)``; the quantization block still comes from ``model``.
     """
     if iteration <= 0:
         raise CheckpointError(f"iteration must be positive (SAT's 'latest' needs it), got {iteration}")
@@ -104,7 +108,8 @@ def save_model(model: nn.Module, save_dir: str, model_config: Dict[str, Any], *,
         remove_stale_temporaries(save_dir, prefix)  # left by a killed earlier save
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
-        write_rank_files(tmp_dir, iteration, rank, model_tensor_stream(model), block, config)
+        stream = model_tensor_stream(model) if tensors is None else tensors
+        write_rank_files(tmp_dir, iteration, rank, stream, block, config)
         fsync_dir(tmp_dir)
         commit_iteration(tmp_dir, final_dir, single_writer=world == 1)
         committed = True

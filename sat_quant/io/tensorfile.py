@@ -2,10 +2,13 @@
 SAT ``.pt`` read one tensor at a time.
 
 Reading never runs pickled code (``weights_only=True``) and never keeps more than ``_REMAP_BYTES`` of a file's
-memory map resident (the map is re-opened), so loading a 35 GB checkpoint needs memory for the model only.
+memory map resident (a safetensors map is re-opened; the pages of a memory-mapped ``.pt`` are handed back with
+``madvise(MADV_DONTNEED)`` once a tensor is copied), so reading a 35 GB checkpoint needs memory for what the
+caller keeps only: a file page touched through a map counts in the process's resident set until it is dropped.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -16,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, U
 
 import torch
 
+from .._libc import libc
 from ..errors import CheckpointError
 from ..oom import is_out_of_memory
 
@@ -105,6 +109,8 @@ class TensorSource:
         self._handle = None
         self._mapped_bytes = 0
         self._pending_check: Optional[Future] = None
+        self._lent: Optional[torch.Tensor] = None  # the last view of a mapped .pt handed out (owned=False)
+        self._file_mapped = False
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             self._open = lambda: safe_open(path, framework="pt", device="cpu")
@@ -121,6 +127,7 @@ class TensorSource:
                 self._shapes[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, k))
         else:
             self._state = torch_load_safely(path)
+            self._file_mapped = _memory_mapped(path)
             self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()
                             if isinstance(v, torch.Tensor)}
 
@@ -148,8 +155,12 @@ class TensorSource:
         caller that copies it right away (``param.copy_``), saving a temporary copy.
         """
         if self._handle is None:
+            self._return_lent_pages()
             t = self._state[name]
-            return t.clone() if owned else t
+            if not owned:
+                self._lent = t if self._file_mapped else None  # its pages are dropped at the next read
+                return t
+            return copy_out_of_map(t) if self._file_mapped else t.clone()
         shape, dtype = self._shapes[name]
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if self._mapped_bytes and self._mapped_bytes + nbytes > _REMAP_BYTES:
@@ -157,16 +168,70 @@ class TensorSource:
         # safetensors' tensors are views of its memory map: one kept by the model (an int4 scale, a
         # whole int8 qweight) would pin the map, and every page touched through it, for good
         t = self._handle.get_tensor(name)
+        self._mapped_bytes += nbytes
         if owned:
             t = t.clone()
-        self._mapped_bytes += nbytes
+            if self._mapped_bytes > _REMAP_BYTES:  # a large tensor: its pages go now, not at the next read
+                self._remap()
         return t
+
+    def _return_lent_pages(self) -> None:
+        """The caller of ``get(owned=False)`` copied that view before asking for the next tensor: drop its pages."""
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            release_mapped_pages(lent)
 
     def _remap(self) -> None:
         """Drop the memory map (file pages touched through it otherwise stay resident) and open a new one."""
         self._handle = None
         self._handle = self._open()
         self._mapped_bytes = 0
+
+
+_MADV_DONTNEED = 4
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drop this process's pages of a tensor that views a read-only file mapping (a ``.pt`` loaded with ``mmap``).
+
+    They stay in the page cache, and a later read faults them in again from the file, so nothing is lost; without
+    this every page read stays in the resident set until the map is closed, i.e. the whole checkpoint by the end of
+    a conversion. Only for file mappings never written to: on anonymous memory MADV_DONTNEED would zero the data.
+    """
+    if tensor.is_contiguous():
+        start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    else:
+        start, nbytes = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+    madvise = getattr(libc(), "madvise", None)
+    if madvise is None or nbytes == 0:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = start - start % page
+    end = start + nbytes
+    end += -end % page
+    madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), ctypes.c_int(_MADV_DONTNEED))
+
+
+def copy_out_of_map(tensor: torch.Tensor) -> torch.Tensor:
+    """An owned copy of a tensor viewing a file mapping, read ``_REMAP_BYTES`` at a time, each part's pages
+    dropped once copied: the resident set grows by the copy only, not by the copy and the file's pages."""
+    if not tensor.is_contiguous() or tensor.numel() * tensor.element_size() <= _REMAP_BYTES:
+        copy = tensor.clone()
+        release_mapped_pages(tensor)
+        return copy
+    flat = tensor.reshape(-1)
+    out = torch.empty_like(flat)
+    step = max(1, _REMAP_BYTES // tensor.element_size())
+    for i in range(0, flat.numel(), step):
+        out[i:i + step].copy_(flat[i:i + step])
+        release_mapped_pages(flat[i:i + step])
+    return out.view(tensor.shape)
+
+
+def _memory_mapped(path: str) -> bool:
+    """Whether ``torch_load_safely`` memory-maps ``path`` (zip-format ``.pt``; the legacy format is read to memory)."""
+    import zipfile
+    return zipfile.is_zipfile(path)
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -217,11 +282,10 @@ def write_stub(path: str) -> None:
 def torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
     """A SAT .pt, memory-mapped and with weights_only=True: a pickle that would run code is refused."""
     import pickle
-    import zipfile
     try:
         # files from torch < 1.6 (legacy format) cannot be memory-mapped; weights_only holds for them too
         with torch.serialization.safe_globals(_numpy_rng_globals()):
-            sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+            sd = torch.load(path, map_location="cpu", mmap=_memory_mapped(path), weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = str(exc).splitlines()
         detail = next((l.strip() for l in lines if "Unsupported" in l), lines[0] if lines else "")
@@ -241,4 +305,4 @@ def torch_load_safely(path: str) -> Dict[str, torch.Tensor]:
 
 
 __all__ = ["sha256_file", "write_tensor_file", "TensorStream", "layout_of", "Layout", "TensorSource", "torch_load_safely",
-           "write_stub", "STUB_MESSAGE"]
+           "write_stub", "STUB_MESSAGE", "release_mapped_pages"]
