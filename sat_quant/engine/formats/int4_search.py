@@ -23,15 +23,15 @@ What else was tried for int4c group 64 (issue 15; same benchmark, every linear, 
   0.9709 / 0.9696: outliers left unfit cost more than they save; squared error stays;
 - importance from the weights alone (columns' std^-b, b = 0.5..2, standing in for diag(H)): 0.9706-0.9710;
 - :func:`column_scales` (SINQ's two-axis balancing; the row axis is what int4c's row scale already is):
-  0.9761 data-free, 0.9878 with GPTQ (against ``t H t``), for 16 more bits per input column (4.24 bits/param
+  0.9759 data-free, 0.9876 with GPTQ (against ``t H t``), for 16 more bits per input column (4.24 bits/param
   on MiniLM). The only new degree of freedom that paid; it needs ``x * t`` on the activations at run time,
   which no backend applies yet, so it is measured by simulation (``benchmarks/accuracy.py``), not a format.
   Why it works here: a column's weight spread anti-correlates with its input's mean square (log-log
-  correlation -0.4 to -0.9 on MiniLM's QKV and MLP-up inputs), so evening the columns spends precision on the
-  hot inputs. With group 32 on the last two blocks' QKV and MLP-up: 0.9784 at 4.28; group 32 everywhere 0.9811
-  at 4.43; group 128 0.9716. Cost: 5 s per 4096 x 4096 weight on one shared thread (int4c's search: 7.7 s).
-  A diag(H)^-1/4 column scale (AWQ-like, calibrated) without GPTQ: 0.9798; with
-  GPTQ 0.9863 (SINQ's is better);
+  correlation -0.7 to -0.9 on MiniLM's MLP-up inputs, +0.2 to -0.8 on QKV), so evening the columns spends
+  precision on the hot inputs. With group 32 on the last two blocks' QKV and MLP-up: 0.9784 at 4.28; group 32
+  everywhere 0.9811 at 4.43; group 128 0.9716. Cost: 5 s per 4096 x 4096 weight on one shared thread (int4c's
+  search: 7.7 s). A diag(H)^-1/4 column scale (AWQ-like, calibrated) without GPTQ: 0.9798; with GPTQ 0.9863
+  (SINQ's is better);
 - least-squares refits after GPTQ against the full H (group scales, then column scales): +0.0002 to +0.0003;
 - a non-uniform 16-level grid per layer (HIGGS/MSB-style, Lloyd-Max from NF4's table, without their rotation),
   per-group absmax and a least-squares scale: 0.9727; with the SINQ column scale 0.9779. Not affine: torch's
