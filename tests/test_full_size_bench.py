@@ -13,9 +13,11 @@ def _bench(*argv):
                           env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
 
 
-def _rows(stdout):
+def _rows(stdout, table=0):
+    """The cells after (model, format) of each model's row in the main table (0) or the memory table (1)."""
+    part = stdout.split("Memory while generating")[table]
     return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
-            for line in stdout.splitlines() if line.startswith("| cog")}
+            for line in part.splitlines() if line.startswith("| cog")}
 
 
 def test_every_step_fills_its_row_and_the_work_folder_is_left_clean(tmp_path):
@@ -26,9 +28,16 @@ def test_every_step_fills_its_row_and_the_work_folder_is_left_clean(tmp_path):
     rows = _rows(result.stdout)
     assert set(rows) == {"cogvlm", "cogagent"}, result.stdout
     for model, cells in rows.items():
-        assert len(cells) == 13 and all(float(c) >= 0 for c in cells), (model, cells)
-        weights, checkpoint, decode = float(cells[0]), float(cells[5]), float(cells[10])
+        assert len(cells) == 14 and all(float(c) >= 0 for c in cells), (model, cells)
+        weights, checkpoint, decode, per_token = float(cells[0]), float(cells[5]), float(cells[10]), float(cells[11])
         assert weights > 0 and checkpoint > 0 and decode > 0, (model, cells)
+        # counted, not assumed: a text token runs neither the vision tower nor the visual expert
+        assert 0 < per_token < weights * 1024, (model, cells)  # MiB against GiB
+    memory = _rows(result.stdout, 1)
+    assert set(memory) == {"cogvlm", "cogagent"}
+    for model, (start, peak, growth, kv, activations) in memory.items():
+        assert float(peak) >= float(start) > 0 and float(kv) > 0 and float(activations) > 0, (model, memory)
+        assert abs(float(growth) - 1024 * (float(peak) - float(start))) <= 11, (model, memory)  # MiB vs rounded GiB
     assert int(rows["cogvlm"][8]) == 256 + 3 + 13  # prompt tokens: image, bos/boi/eoi, the question
     assert os.listdir(work) == []  # the checkpoints it wrote are removed; nothing else was there
 
