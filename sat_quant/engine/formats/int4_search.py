@@ -31,7 +31,8 @@ What else was tried for int4c group 64 (issue 15; same benchmark, every linear, 
   precision on the hot inputs. With group 32 on the last two blocks' QKV and MLP-up: 0.9784 at 4.28; group 32
   everywhere 0.9811 at 4.43; group 128 0.9716. Cost: 5 s per 4096 x 4096 weight on one shared thread (int4c's
   search: 7.7 s). A diag(H)^-1/4 column scale (AWQ-like, calibrated) without GPTQ: 0.9798; with GPTQ 0.9863
-  (SINQ's is better);
+  (SINQ's is better). In the budget planner's calibrated plans, SINQ on their int4c layers: 0.9897 at 4.29
+  bits/param (plan for 4.3; without: 0.9881) and 0.9938 at 4.99 (plan for 5.0 with int4c:32; without: 0.9932);
 - least-squares refits after GPTQ against the full H (group scales, then column scales): +0.0002 to +0.0003;
 - a non-uniform 16-level grid per layer (HIGGS/MSB-style, Lloyd-Max from NF4's table, without their rotation),
   per-group absmax and a least-squares scale: 0.9727; with the SINQ column scale 0.9779. Not affine: torch's
