@@ -17,7 +17,7 @@ from ..io.commit import check_destination, check_writable, overlap, write_failed
 from ..io.layout import base_model_class
 from ..sat.args import fill_script_defaults, validate_quant_args
 from ..sat.loading import model_class_for
-from .convert import convert
+from .convert import Calibration, convert
 from .demo import run_demo
 from .dequantize import dequantize
 from .estimate import estimate_table
@@ -45,8 +45,17 @@ def convert_command(ns: argparse.Namespace) -> int:
         plan = plan_checkpoint(ns.src, budget, config=config, imports=ns.imports)
         print(plan.summary())
         config = plan.to_config()
-    convert(ns.src, ns.dst, config, imports=ns.imports, overwrite=ns.overwrite, progress=not ns.quiet)
-    print(f"wrote {ns.dst}")
+    calibration = None
+    if ns.calibrate:
+        if ns.calibrate_samples is not None and ns.calibrate_samples <= 0:
+            raise QuantConfigError(f"--calibrate-samples {ns.calibrate_samples} must be positive (e.g. 128).")
+        calibration = Calibration(ns.calibrate, samples=ns.calibrate_samples, tokenizer=ns.tokenizer,
+                                  dry_run=ns.dry_run)
+    elif ns.dry_run:
+        raise QuantConfigError("--dry-run estimates a calibration: pass it with --calibrate FILE.")
+    convert(ns.src, ns.dst, config, imports=ns.imports, overwrite=ns.overwrite, progress=not ns.quiet,
+            calibration=calibration)
+    print("dry run: nothing written" if ns.dry_run else f"wrote {ns.dst}")
     return 0
 
 

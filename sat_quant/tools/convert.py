@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import List, Optional
+
+import torch
 
 from ..engine.config import QuantConfig
 from ..io.commit import check_destination, staged_folder
@@ -17,22 +20,44 @@ from ..io.load import check_fits
 from ..io.save import save_model
 from ..oom import oom_guidance
 from ..sat.checkpoint import model_config_dict
+from .calibrate_blocks import DEFAULT_SPILL_BYTES, calibrate_blocks, estimate_seconds, full_precision_skeleton
+from .calibration_data import DEFAULT_TOKENIZER, load_tokenizer, read_lines, text_samples
 from .convert_stream import Throughput, converted_stream, quantized_on_meta
 from .sources import ProgressSource, open_full_precision
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Calibration:
+    """``--calibrate FILE``: GPTQ block by block on the file's samples (see :mod:`sat_quant.tools.calibrate_blocks`).
+
+    ``dry_run`` prints the time estimate and writes nothing; ``store_dtype`` None keeps the activations in the
+    model's dtype (the default for fp16/bf16 models), else e.g. bf16 for an fp32 one."""
+
+    file: str
+    samples: Optional[int] = 128
+    tokenizer: str = DEFAULT_TOKENIZER
+    dry_run: bool = False
+    spill_bytes: int = DEFAULT_SPILL_BYTES
+
+
 def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[str]] = None,
-            overwrite: bool = False, progress: bool = True) -> str:
+            overwrite: bool = False, progress: bool = True, calibration: Optional[Calibration] = None) -> str:
     """Quantize the full-precision SAT checkpoint ``src`` into a sat_quant checkpoint at ``dst``; returns ``dst``.
 
     With ``progress``, a bar while it runs and one line of read / quantize / write MB/s at the end (always logged).
+    With ``calibration``, the int4/int4c layers of the transformer blocks get GPTQ on its samples first.
     """
     config.validate()
     check_destination(dst, overwrite, src=src, verb="convert")  # before any work
     with oom_guidance(f"converting {src}", quant_bits=config.bits):
         fp = open_full_precision(src, "convert", imports)
+        quantized = None
+        if calibration is not None:
+            quantized = _calibrate(fp, config, calibration, progress)
+            if quantized is None:
+                return dst  # a dry run: the estimate was printed, nothing written
         model = quantized_on_meta(fp.args, fp.cls, config)
         source = ProgressSource(fp.source, enabled=progress)
         check_fits(model, source)  # every name, shape and dtype before anything is written
@@ -40,7 +65,7 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
         with staged_folder(dst, overwrite=overwrite, src=src, verb="convert") as tmp:
             start = time.perf_counter()
             save_model(model, tmp, model_config_dict(model, fp.args), iteration=fp.iteration,
-                       tensors=converted_stream(model, source, stats))
+                       tensors=converted_stream(model, source, stats, quantized))
             stats.total_s = time.perf_counter() - start
         source.bar.close()
     log.info("convert %s: %s", src, stats.summary())
@@ -49,4 +74,25 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
     return dst
 
 
-__all__ = ["convert"]
+def _calibrate(fp, config: QuantConfig, calibration: Calibration, progress: bool):
+    """The calibrated layers' tensors, by name; None after a dry run (which prints the estimate)."""
+    lines = read_lines(calibration.file, calibration.samples)
+    tokenizer = load_tokenizer(calibration.tokenizer)
+    samples = text_samples(lines, tokenizer, int(fp.args.max_sequence_length), int(fp.args.vocab_size))
+    skeleton = full_precision_skeleton(fp.cls, fp.args, fp.source)
+    tokens = sum(s["input_ids"].numel() for s in samples)
+    estimate = estimate_seconds(skeleton, config, tokens)
+    how_long = f"{estimate:.0f} s" if estimate < 90 else f"{estimate / 60:.0f} min"
+    print(f"convert --calibrate: {len(samples)} samples, {tokens} tokens, {len(skeleton.transformer.layers)} blocks: "
+          f"about {how_long} of calibration (a rough estimate from this CPU's matmul speed), then the conversion")
+    if calibration.dry_run:
+        return None
+    fp16 = getattr(fp.args, "fp16", False) or getattr(fp.args, "bf16", False)
+    result = calibrate_blocks(skeleton, fp.source, config, samples, progress=progress,
+                              store_dtype=None if fp16 else torch.bfloat16, spill_bytes=calibration.spill_bytes)
+    log.info("calibration: %d layers in %.0f s (%d MB of activations spilled to disk)", len(result.neutral),
+             result.seconds, result.spilled_bytes // 10**6)
+    return result.neutral
+
+
+__all__ = ["convert", "Calibration"]
