@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = sorted((REPO / "patches").glob("*.patch"))
 
@@ -45,7 +47,7 @@ def run_script(checkout: Path, script: str, argv: List[str], stdin: str = "", *,
     """Run ``script`` (relative to the checkout) with python, or under ``torchrun --nproc_per_node nproc``."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), script] + argv
+               "--master_port", str(free_port()), script] + argv
     else:
         cmd = [sys.executable, script] + argv
     return subprocess.run(cmd, cwd=checkout, input=stdin, capture_output=True, text=True, timeout=timeout,

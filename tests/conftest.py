@@ -6,6 +6,10 @@ import warnings
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two pytest workers on a 2-core machine: one OpenMP thread each (and in the processes they start), else each
+    # worker's threads spin-wait on cores the other holds (see one_torch_thread below)
+    os.environ["OMP_NUM_THREADS"] = "1"
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import argparse  # noqa: E402
@@ -33,6 +37,15 @@ HAS_AVX512 = _cpu_has_avx512()
 NF4_CPU_BACKEND = "lut" if HAS_AVX512 else "bitsandbytes"
 #: like the tests marked cuda, the lut kernel's own tests run where the hardware is; the fallback has CPU tests
 needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="the lut kernel needs AVX-512 F/BW/VL, which this CPU lacks")
+
+def free_port() -> int:
+    """A TCP port free right now, for a torch.distributed rendezvous: tests run in parallel workers (pytest -n),
+    so a port derived from the pid could meet another worker's."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 SAT_MODELS = {
     "gpt2": (GPT2Model, dict(num_layers=2, hidden_size=256, num_attention_heads=4, vocab_size=1000,

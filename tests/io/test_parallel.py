@@ -67,7 +67,7 @@ import sys  # noqa: E402
 
 import sat_quant  # noqa: E402
 from sat_quant import QuantConfig  # noqa: E402
-from tests.conftest import SAT_MODELS, run_logits, sat_args  # noqa: E402
+from tests.conftest import SAT_MODELS, free_port, run_logits, sat_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,7 +75,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def torchrun(script: str, *argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """Two CPU ranks; the whole process group is killed if it outlives ``timeout``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), os.path.join(ROOT, "tests", "workers", script), *argv]
+           str(free_port()), os.path.join(ROOT, "tests", "workers", script), *argv]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

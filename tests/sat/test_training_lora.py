@@ -17,6 +17,7 @@ import torch
 import sat_quant
 from sat_quant.engine.lora import LoraQuantLinear
 from sat_quant.sat.lora_mixin import QuantLoraMixin
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,7 +30,7 @@ def trained(tmp_path_factory):
 def _run_worker(out, *extra):
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + (os.getpid() + 17 * len(extra)) % 1000))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "workers", "lora_train_worker.py"), str(out),
                              *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

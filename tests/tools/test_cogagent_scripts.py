@@ -20,6 +20,7 @@ import torch
 
 from tests.cogvlm_fixture import COGVLM_DIR, cogvlm_available
 from tests.cogvlm_scripts import REPO, answers, patched_checkout, script_env
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(not cogvlm_available(), reason="needs the CogVLM snapshot (../shared/cogvlm)")
 
@@ -133,7 +134,7 @@ def qlora(cogagent_env):
             "--valid-data", str(root / "train"), "--experiment-name", "finetune-cogagent", "--save", "./checkpoints"]
     result = _run(env, "finetune_cogagent_demo.py", argv, cwd=env.checkout / "finetune_demo", extra={
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(29100 + (os.getpid() + 13) % 800)})
+        "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     env.train_log = result.stdout + result.stderr
     env.ckpt = str(next((env.checkout / "finetune_demo" / "checkpoints").glob("finetune-cogagent-*")))

@@ -14,6 +14,7 @@ import pytest
 
 from tests.cogvlm_fixture import COGVLM_DIR, cogvlm_available
 from tests.cogvlm_scripts import answers, patched_checkout, run_script, script_env
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(not cogvlm_available(), reason="needs the CogVLM snapshot (../shared/cogvlm)")
 
@@ -22,7 +23,7 @@ TRAIN_ITERS = 4
 
 def _train_env(port_offset: int) -> dict:
     return script_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(29100 + (os.getpid() + port_offset) % 800)})
+                       "MASTER_PORT": str(free_port())})
 
 
 def _run(cwd: Path, argv, port_offset: int, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -66,7 +67,7 @@ def qlora(tmp_path_factory):
         "MODEL_TYPE": env.fp, "VERSION": "chat", "MAX_LENGTH": "300", "LORA_RANK": "4", "LORA": "--use_qlora",
         "TOKENIZER": env.tokenizer, "TRAIN_DATA": str(root / "train"), "VALID_DATA": str(root / "train"),
         "DS_CONFIG": str(env.ds_config), "CHECKPOINT_ACTIVATIONS": "",
-        "MASTER_PORT": str(29100 + (os.getpid() + 7) % 800),
+        "MASTER_PORT": str(free_port()),
         "EXTRA_ARGS": f"--quant-group-size 64 --train-iters {TRAIN_ITERS} --eval-interval 1000 --eval-iters 1 "
                       f"--save-interval {TRAIN_ITERS} --lr-decay-style constant --bf16 --batch-size 1 "
                       f"--num-workers 0 --zero-stage 0"})
@@ -103,7 +104,7 @@ def merged(qlora):
 def test_a_failed_training_is_the_scripts_exit_status(qlora):
     """Upstream's final `set +x` made the script exit 0 after training had died; now its status is the run's."""
     result = _lora_sh(qlora.checkout, {"MODEL_TYPE": str(qlora.root / "no-such-model"), "LORA": "--use_qlora",
-                                       "MASTER_PORT": str(29100 + (os.getpid() + 11) % 800)}, timeout=300)
+                                       "MASTER_PORT": str(free_port())}, timeout=300)
     assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
     assert "finetune_cogvlm_demo.py: error: --from_pretrained" in result.stderr and "never downloads" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("finetune_cogvlm_lora.sh: training failed (exit status 2)")
