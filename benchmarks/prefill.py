@@ -96,15 +96,22 @@ def run(shapes=SHAPES, rows=ROWS, ladder=LADDER, formats: Sequence[str] = tuple(
              f"dense GEMM in {gemm_dtype(torch.ones(1, dtype=torch.bfloat16))} (engine/backends/prefill.py); "
              "`auto`: what `linear` runs at that row count; `vs bf16` is bf16 dense time / auto time (target "
              f">= 0.9). Load average when the section started: {load_average()}.", ""]
+    worst = None
     for out_f, in_f in shapes:
         lines += [f"### W {out_f}x{in_f}", "", "| format | backend | rows | bf16 dense ms | fp32 dense ms | kernel ms | "
                   "prefill ms | auto picks | auto vs bf16 |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
         for r in bench_rows(out_f, in_f, rows, formats):
+            ratio = r["bf16"] / r["auto"]
+            if worst is None or ratio < worst[0]:
+                worst = (ratio, f"{r['format']} at {r['rows']} rows, W {out_f}x{in_f}")
             lines.append(f"| {r['format']} | {r['backend']} | {r['rows']} | {1000 * r['bf16']:.1f} | "
                          f"{1000 * r['fp32']:.1f} | {1000 * r['kernel']:.1f} | {1000 * r['prefill']:.1f} | {r['picks']} | "
                          f"{r['bf16'] / r['auto']:.2f}x |")
         lines.append("")
         print(f"prefill: done {out_f}x{in_f}", flush=True)
+    if worst:
+        lines += [f"Lowest auto vs bf16 dense in this run: {worst[0]:.2f}x ({worst[1]}); target >= 0.9x: "
+                  f"{'met' if worst[0] >= 0.9 else 'missed'}.", ""]
     out_f, in_f = shapes[-1]
     lines += [f"Where the prefill path starts to win (W {out_f}x{in_f}, bf16 activations, ladder {list(ladder)}):", ""]
     for name, (backend, first, threshold) in crossover(out_f, in_f, formats, ladder).items():

@@ -12,9 +12,9 @@ from .base import Backend, KernelTensors, pad_activation
 
 class BitsAndBytesBackend(Backend):
     name = "bitsandbytes"
-    # bitsandbytes' CPU matmul_4bit dequantizes per call in plain loops: dequantized tiles + a float32 GEMM win
-    # from about this many rows (benchmarks/RESULTS.md, "Prefill"). On CUDA its kernels are left as they are.
-    prefill_rows = {("codebook4", "cpu"): 192}
+    # bitsandbytes' CPU matmul_4bit: dequantized tiles + a float32 GEMM win from 64 rows (benchmarks/RESULTS.md,
+    # "Prefill", quiet 2-core AVX2 machine). On CUDA its kernels are left as they are.
+    prefill_rows = {("codebook4", "cpu"): 64}
 
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
         if getattr(fmt, "bnb_quant_type", None) is None:

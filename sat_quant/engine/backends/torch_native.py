@@ -94,8 +94,9 @@ def _cpu_dequantize_blocks(packed: torch.Tensor, k: int, block_n: int, scale: to
 class TorchNativeBackend(Backend):
     name = "torch"
     # From these rows on, dequantized tiles + a float32 GEMM beat torch's CPU kernels (benchmarks/RESULTS.md,
-    # "Prefill", 2-core AVX2 machine): int4 tinygemm and int8 pack-mm grow with rows faster than MKL's GEMM.
-    prefill_rows = {("int4_affine", "cpu"): 512, ("int8_rowwise", "cpu"): 256}
+    # "Prefill", quiet 2-core AVX2 machine: both win from 128 rows at 11008x4096, the kernels still at 64 on
+    # 4096x4096): int4 tinygemm and int8 pack-mm grow with rows faster than MKL's GEMM.
+    prefill_rows = {("int4_affine", "cpu"): 128, ("int8_rowwise", "cpu"): 128}
 
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
         dev = torch.device(device).type
