@@ -137,7 +137,9 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> List[PlannedLayer]:
     return list(by_id.values())
 
 
-def _quant_layer_for(module: nn.Module, spec: LayerSpec, backend: str, device: torch.device) -> QuantLinear:
+def quant_layer_for(module: nn.Module, spec: LayerSpec, backend: str, device: torch.device) -> QuantLinear:
+    """The quantized layer that takes ``module``'s place (SAT's column/row-parallel semantics and bias kept); its
+    weight is filled afterwards. On meta (``sat-quant convert``'s storage-free model) only shapes and dtypes exist."""
     bias = module.bias is not None
     bias_dtype = module.bias.dtype if bias else module.weight.dtype
     common = dict(bias=bias, backend=backend, device=device, bias_dtype=bias_dtype)
@@ -211,7 +213,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, device=None,
                 module._parameters["weight"] = nn.Parameter(weight.to(fp_dtype),
                                                             requires_grad=module.weight.requires_grad)
             continue
-        layer = _quant_layer_for(module, planned.spec, config.backend, dev)
+        layer = quant_layer_for(module, planned.spec, config.backend, dev)
         if not weight.is_meta:  # a meta weight with no init stays as the layer's zeros: a checkpoint fills it
             layer.quantize_weight_(weight)
         for name in planned.names:
@@ -228,4 +230,4 @@ def quantize_(model: nn.Module, config: QuantConfig, *, device=None,
 
 __all__ = ["TARGET_TYPES", "DEFAULT_INIT_STD", "PlannedLayer", "is_target", "linear_weights_on_meta",
            "everything_on_meta", "weight_to_meta_", "plan_layers", "quantize_", "release_freed_memory",
-           "set_submodule"]
+           "quant_layer_for", "set_submodule"]

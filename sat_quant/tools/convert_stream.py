@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
 
 import torch
-from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from ..engine.config import QuantConfig
-from ..engine.layers import QuantColumnParallelLinear, QuantLinear, QuantRowParallelLinear
-from ..engine.replace import everything_on_meta, plan_layers, release_freed_memory, set_submodule
+from ..engine.layers import QuantLinear
+from ..engine.replace import everything_on_meta, plan_layers, quant_layer_for, release_freed_memory, set_submodule
 from ..io.save import expected_layout, saved_tensors
 from ..io.tensorfile import TensorStream
 from ..sat.args import params_dtype
@@ -61,21 +60,8 @@ def quantized_on_meta(args: argparse.Namespace, model_cls: type, config: QuantCo
 
 def _meta_layer(module: nn.Module, spec, backend: str) -> QuantLinear:
     """The quantized layer ``engine.replace.quantize_`` puts in ``module``'s place, on meta (reference kernels: the
-    only ones that accept meta; the backend asked for is recorded in the config, and picked at load)."""
-    bias = module.bias is not None
-    common = dict(bias=bias, backend="reference", device=torch.device("meta"),
-                  bias_dtype=module.bias.dtype if bias else module.weight.dtype)
-    if isinstance(module, ColumnParallelLinear):
-        layer = QuantColumnParallelLinear(spec, input_size=module.input_size, output_size=module.output_size,
-                                          gather_output=module.gather_output, stride=module.stride, **common)
-    elif isinstance(module, RowParallelLinear):
-        layer = QuantRowParallelLinear(spec, input_size=module.input_size, output_size=module.output_size,
-                                       input_is_parallel=module.input_is_parallel, final_bias=module.final_bias,
-                                       **common)
-    else:
-        layer = QuantLinear(spec, **common)
-    if bias:
-        layer.bias.requires_grad_(module.bias.requires_grad)
+    only ones that accept meta; the backend asked for is recorded, and picked at load)."""
+    layer = quant_layer_for(module, spec, "reference", torch.device("meta"))
     layer.backend_request = backend
     return layer
 
