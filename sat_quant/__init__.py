@@ -48,7 +48,7 @@ _LAZY = {
     "quantize_to_budget_": "algorithms.planner", "QuantPlan": "algorithms.planner",
     "quant_report": "engine.report", "QuantReport": "engine.report", "QuantLinear": "engine.layers",
     "oom_guidance": "oom", "QuantOutOfMemoryError": "oom",
-    "apply_cpu_compat": "sat.compat", "install_xformers_cpu_fallback": "sat.compat",
+    "apply_cpu_compat": "sat.compat", "install_xformers_cpu_fallback": "sat.compat", "KVCacheMixin": "sat.kv_cache",
 }
 
 

@@ -1,6 +1,7 @@
 """benchmarks/full_size.py at the tests' tiny real CogVLM and CogAgent: every step runs (build, save, fresh-process
 load, image+text prompt, decode) and fills its row; the full-size run uses the same code on configs/*.json."""
 import os
+import re
 import subprocess
 import sys
 
@@ -35,9 +36,15 @@ def test_every_step_fills_its_row_and_the_work_folder_is_left_clean(tmp_path):
         assert 0 < per_token < weights * 1024, (model, cells)  # MiB against GiB
     memory = _rows(result.stdout, 1)
     assert set(memory) == {"cogvlm", "cogagent"}
-    for model, (start, peak, growth, kv, activations) in memory.items():
+    for model, (start, peak, growth, held, kv, activations) in memory.items():
         assert float(peak) >= float(start) > 0 and float(kv) > 0 and float(activations) > 0, (model, memory)
+        assert float(held) > 0, (model, memory)  # the in-place KV cache's capacity, read from the mixin
         assert abs(float(growth) - 1024 * (float(peak) - float(start))) <= 11, (model, memory)  # MiB vs rounded GiB
+    kernel = re.search(r"at one row \(4096 -> 11008, bf16, same run\) reads ([0-9.]+) GB/s", result.stdout)
+    assert kernel and float(kernel.group(1)) > 0, result.stdout
+    llama = re.search(r"LLaMA.*same decode path\): ([0-9.]+) tokens/s x ([0-9.]+) MiB read per token = ([0-9.]+) of",
+                      result.stdout)
+    assert llama and all(float(g) > 0 for g in llama.groups()), result.stdout
     assert int(rows["cogvlm"][8]) == 256 + 3 + 13  # prompt tokens: image, bos/boi/eoi, the question
     assert os.listdir(work) == []  # the checkpoints it wrote are removed; nothing else was there
 
