@@ -159,10 +159,11 @@ def probe_build_save(model: str, fmt: str, out: str, tiny: bool) -> Dict[str, An
     import sat_quant
     cls, args = _model_class_and_args(model, tiny, fmt)
     torch.manual_seed(0)
+    imports = _rss_gib()  # torch, SAT, deepspeed, CogVLM's code: held before any weight exists
     _reset_peak()
     start = time.perf_counter()
     built = sat_quant.get_model(args, cls).eval()
-    result = {"build_s": time.perf_counter() - start, "build_peak_gib": _peak_gib(),
+    result = {"build_s": time.perf_counter() - start, "build_peak_gib": _peak_gib(), "imports_rss_gib": imports,
               "weights_gib": (sum(p.numel() * p.element_size() for p in built.parameters())
                               + sum(m.quantized_nbytes() for m in built.modules()
                                     if isinstance(m, sat_quant.QuantLinear))) / GIB}
@@ -190,10 +191,11 @@ def probe_load_run(model: str, path: str, new_tokens: int, tiny: bool) -> Dict[s
     import sat_quant
     from sat_quant.sat.compat import apply_cpu_compat, install_xformers_cpu_fallback
     cls, args = _model_class_and_args(model, tiny, None)
+    imports = _rss_gib()
     _reset_peak()
     start = time.perf_counter()
     loaded, loaded_args = sat_quant.from_pretrained(cls, path, args)
-    result = {"load_s": time.perf_counter() - start, "load_peak_gib": _peak_gib()}
+    result = {"load_s": time.perf_counter() - start, "load_peak_gib": _peak_gib(), "load_imports_rss_gib": imports}
     apply_cpu_compat(loaded)
     install_xformers_cpu_fallback()
     prompt = _prompt(model, loaded_args)
@@ -315,6 +317,12 @@ def _section(rows, bandwidth: float, tiny: bool, new_tokens: int, kernel: float,
              "| load s | load peak GiB | prompt tokens | prefill s | decode tok/s | MiB read/token | decode ratio "
              "| generate peak GiB |",
              "|---|---|" + "---:|" * 14]
+    steps = ["", "Each step's peak against what the process held before it (the imports of torch, SAT, deepspeed and "
+             "CogVLM's code are resident before any weight exists): build and load over the imports, save over "
+             "the built model:", "",
+             "| model | format | imports GiB | build peak - imports GiB | build / weights | save peak - before GiB "
+             "| load imports GiB | load peak - imports GiB | load / weights |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     memory = ["", "Memory while generating: RSS when generation starts (weights and the loaded model), its peak, and "
               "the growth against `sat-quant estimate`'s KV cache and peak activations for the same tokens:", "",
               "| model | format | RSS at start GiB | peak GiB | growth MiB | KV cache held MiB | estimate KV MiB "
@@ -330,6 +338,10 @@ def _section(rows, bandwidth: float, tiny: bool, new_tokens: int, kernel: float,
                      f"{b['save_s']:.1f} | {b['save_peak_gib']:.2f} | {b['checkpoint_gib']:.2f} | {r['load_s']:.1f} | "
                      f"{r['load_peak_gib']:.2f} | {r['prompt_tokens']} | {r['prefill_s']:.2f} | "
                      f"{r['decode_tok_s']:.2f} | {per_token / 2**20:.1f} | {ratio:.2f} | {r['generate_peak_gib']:.2f} |")
+        build_net, load_net = b["build_peak_gib"] - b["imports_rss_gib"], r["load_peak_gib"] - r["load_imports_rss_gib"]
+        steps.append(f"| {model} | {fmt} | {b['imports_rss_gib']:.2f} | {build_net:.2f} | "
+                     f"{build_net / b['weights_gib']:.2f} | {b['save_peak_gib'] - b['rss_before_save_gib']:.2f} | "
+                     f"{r['load_imports_rss_gib']:.2f} | {load_net:.2f} | {load_net / b['weights_gib']:.2f} |")
         memory.append(f"| {model} | {fmt} | {r['rss_before_generate_gib']:.2f} | {r['generate_peak_gib']:.2f} | "
                       f"{(r['generate_peak_gib'] - r['rss_before_generate_gib']) * 1024:.1f} | "
                       f"{r['kv_cache_gib'] * 1024:.1f} | {r['estimate_kv_gib'] * 1024:.1f} | "
@@ -345,7 +357,7 @@ def _section(rows, bandwidth: float, tiny: bool, new_tokens: int, kernel: float,
         llama = ["", f"{name} (benchmarks/e2e.py's, int4, bf16, same decode path): "
                      f"{reference['decode_tok_s']:.1f} tokens/s x {reference['decode_bytes_per_token'] / 2**20:.1f} "
                      f"MiB read per token = {ratio:.2f} of the bandwidth."]
-    return "\n".join(lines + memory + llama) + "\n"
+    return "\n".join(lines + steps + memory + llama) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -15,8 +15,9 @@ def _bench(*argv):
 
 
 def _rows(stdout, table=0):
-    """The cells after (model, format) of each model's row in the main table (0) or the memory table (1)."""
-    part = stdout.split("Memory while generating")[table]
+    """The cells after (model, format) of each model's row in the main table (0), the steps' memory table (1) or
+    the generation memory table (2)."""
+    part = re.split(r"\n(?=Each step's peak|Memory while generating)", stdout)[table]
     return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
             for line in part.splitlines() if line.startswith("| cog")}
 
@@ -34,7 +35,13 @@ def test_every_step_fills_its_row_and_the_work_folder_is_left_clean(tmp_path):
         assert weights > 0 and checkpoint > 0 and decode > 0, (model, cells)
         # counted, not assumed: a text token runs neither the vision tower nor the visual expert
         assert 0 < per_token < weights * 1024, (model, cells)  # MiB against GiB
-    memory = _rows(result.stdout, 1)
+    steps = _rows(result.stdout, 1)
+    assert set(steps) == {"cogvlm", "cogagent"}
+    for model, cells in steps.items():
+        imports, build_net, build_ratio, save_growth, load_imports, load_net, load_ratio = map(float, cells)
+        assert imports > 0.3 and load_imports > 0.3, (model, cells)  # torch + SAT + deepspeed alone
+        assert build_net > 0 and load_net > 0 and save_growth >= 0 and build_ratio > 0 and load_ratio > 0, (model, cells)
+    memory = _rows(result.stdout, 2)
     assert set(memory) == {"cogvlm", "cogagent"}
     for model, (start, peak, growth, held, kv, activations) in memory.items():
         assert float(peak) >= float(start) > 0 and float(kv) > 0 and float(activations) > 0, (model, memory)
