@@ -16,10 +16,18 @@ when activations are kept in the model's own dtype (the default for fp16/bf16 mo
 model, each block's inputs are rounded to bf16 (8 bits of mantissa), which moves H by ~0.4% and can flip a few
 rounding decisions of GPTQ.
 
-Blocks are ``model.transformer.layers``, called the way SAT's ``BaseTransformer.forward`` calls them (its
-``layer_forward`` hook when a mixin sets one); what the samples give the first block (mask, position ids, a
-mixin's keyword inputs) is captured by a ``layer_forward`` hook that stops the forward there. Linear layers outside
-the blocks (an LM head with ``--quant-lm-head``, a vision tower) are quantized without calibration and listed.
+Blocks are the ``transformer.layers`` of every SAT model in ``model`` (a *stack*): the model itself and any SAT model
+a mixin holds (CogVLM's EVA2-CLIP vision tower), called the way SAT's ``BaseTransformer.forward`` calls them (its
+``layer_forward`` hook when a mixin sets one). Stacks are calibrated in the order a forward reaches them (CogVLM:
+the vision tower, then the language model with the visual expert's inputs): the samples run through the model
+until the first block of a stack not yet calibrated, whose inputs (hidden states, mask, position ids, a mixin's
+keyword inputs) a ``layer_forward`` hook captures before stopping the forward there. A calibrated stack is replayed
+in later passes: its first block returns the kept full-precision output of its last block and the others pass it
+on, so the layers after it (final norm, CogVLM's GLU adapter) see what the full-precision model computes.
+
+Linear layers outside the blocks (CogVLM's GLU adapter, CogAgent's cross-image tower, an LM head with
+``--quant-lm-head``) are quantized without calibration and listed; their full-precision weights are read from the
+source for the calibration passes and dropped at the end (CogAgent-18B: ~0.9 GB, less than one of its blocks).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+from sat.model.base_model import BaseModel
 from torch import nn
 from tqdm import tqdm
 
@@ -48,10 +57,6 @@ log = logging.getLogger(__name__)
 Sample = Dict[str, Any]
 Neutral = Dict[str, Dict[str, torch.Tensor]]
 DEFAULT_SPILL_BYTES = 2 * 2**30  # activations kept in memory; beyond that, in files
-
-
-class _StopAtFirstBlock(Exception):
-    """Raised by the capturing hook: nothing past the first block's inputs is computed."""
 
 
 def full_precision_skeleton(model_cls: type, args, source) -> nn.Module:
@@ -119,48 +124,112 @@ class BlockCalibration:
     spilled_bytes: int = 0
 
 
-def capture_first_block_inputs(model: nn.Module, samples: Iterable[Sample], store: ActivationStore
-                               ) -> List[Dict[str, Any]]:
-    """Run each sample until the first block; its hidden states go to ``store``, the rest of what the block is
-    called with (mask, position ids, a mixin's keyword inputs) is returned, one dict per sample."""
+class _Reached(Exception):
+    """Raised by a capturing hook: the forward reached the first block of ``stack``; nothing past it is computed."""
+
+    def __init__(self, stack: "Stack") -> None:
+        super().__init__(stack.name)
+        self.stack = stack
+
+
+@dataclass
+class Stack:
+    """One SAT model's blocks: ``owner`` is the model (``transformer.layers`` run by SAT's ``BaseTransformer``),
+    ``prefix`` its name in the root model ('' for the root), ``inside[i]`` the planned linears of block i."""
+
+    prefix: str
+    owner: nn.Module
+    inside: List[List[PlannedLayer]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.prefix or "the model"
+
+    @property
+    def blocks(self) -> int:
+        return len(self.owner.transformer.layers)
+
+
+def _sync_hooks(owner: nn.Module) -> None:
+    """SAT's ``BaseModel.forward`` copies the model's hook table into its transformer's (shared with its layers) in
+    place before each forward; blocks run on their own need the same copy."""
+    owner.transformer.hooks.clear()
+    owner.transformer.hooks.update(owner.hooks)
+
+
+def _set_layer_forward(owner: nn.Module, hook: Optional[Callable]) -> Callable[[], None]:
+    """Install ``hook`` as ``owner``'s ``layer_forward`` (in the model's hook table, which SAT copies to its
+    transformer at each forward); returns what puts the previous one back."""
+    before = owner.hooks.get("layer_forward")
+    owner.hooks["layer_forward"] = hook
+    _sync_hooks(owner)
+
+    def restore() -> None:
+        if before is None:
+            owner.hooks.pop("layer_forward", None)
+        else:
+            owner.hooks["layer_forward"] = before
+        _sync_hooks(owner)
+    return restore
+
+
+def capture_first_block_inputs(model: nn.Module, samples: Iterable[Sample], store: ActivationStore,
+                               stacks: Optional[List[Stack]] = None,
+                               replay: Optional[Dict[str, Tuple[Stack, ActivationStore]]] = None
+                               ) -> Tuple[Stack, List[Dict[str, Any]]]:
+    """Run each sample until the first block of whichever of ``stacks`` (default: the model's own blocks) it reaches
+    first; its hidden states go to ``store``. Returns that stack and, one dict per sample, the rest of what its first
+    block is called with (mask, position ids, a mixin's keyword inputs). ``replay``: stacks already calibrated, each
+    answering with its kept outputs."""
+    stacks = stacks or [Stack("", model)]
     captured: List[Dict[str, Any]] = []
+    reached: List[Stack] = []
+    current = [0]
 
-    def record(hidden, mask, *args, **kwargs):
-        for key in ("layer_id", "output_this_layer", "output_cross_layer"):
-            kwargs.pop(key, None)
-        if args:
-            raise QuantConfigError("calibration: this model's blocks take positional inputs sat_quant cannot replay; "
-                                   "calibrate it in Python with sat_quant.quantize_calibrated_.")
-        store.put(len(captured), hidden)
-        captured.append({"mask": mask, "kwargs": kwargs})
-        raise _StopAtFirstBlock
+    def record(target: Stack):
+        def hook(hidden, mask, *args, **kwargs):
+            if reached and target is not reached[0]:
+                raise QuantConfigError(f"calibration: the samples reach different blocks first ({reached[0].name}, "
+                                       f"{target.name}); give every sample the same kind of input (all with an "
+                                       f"image, or none).")
+            for key in ("layer_id", "output_this_layer", "output_cross_layer"):
+                kwargs.pop(key, None)
+            if args:
+                raise QuantConfigError("calibration: this model's blocks take positional inputs sat_quant cannot "
+                                       "replay; calibrate it in Python with sat_quant.quantize_calibrated_.")
+            reached[:] = [target]
+            store.put(len(captured), hidden)
+            captured.append({"mask": mask, "kwargs": kwargs})
+            raise _Reached(target)
+        return hook
 
-    hooks = model.hooks
-    before = hooks.get("layer_forward")
-    hooks["layer_forward"] = record
+    def replayed(kept: ActivationStore):
+        def hook(hidden, mask, *args, layer_id=None, **kwargs):
+            return kept.get(current[0], hidden.dtype) if int(layer_id) == 0 else hidden
+        return hook
+
+    restores = [_set_layer_forward(s.owner, record(s)) for s in stacks]
+    restores += [_set_layer_forward(done.owner, replayed(kept)) for done, kept in (replay or {}).values()]
     try:
         with torch.no_grad():
-            for sample in samples:
+            for index, sample in enumerate(samples):
+                current[0] = index
                 try:
                     model(**sample)
-                except _StopAtFirstBlock:
+                except _Reached:
                     pass
                 else:
-                    raise QuantConfigError("calibration: a sample ran through the model without reaching its first "
-                                           "transformer block; check the calibration inputs.")
+                    raise QuantConfigError("calibration: a sample ran through the model without reaching a "
+                                           "transformer block sat_quant calibrates; check the calibration inputs.")
     finally:
-        if before is None:
-            hooks.pop("layer_forward", None)
-        else:
-            hooks["layer_forward"] = before
-        model.transformer.hooks.clear()
-        model.transformer.hooks.update(hooks)
-    return captured
+        for restore in reversed(restores):
+            restore()
+    return reached[0], captured
 
 
 def run_block(model: nn.Module, index: int, hidden: torch.Tensor, call: Dict[str, Any]) -> torch.Tensor:
-    """Block ``index`` on one sample, called as SAT's ``BaseTransformer.forward`` calls it; updates ``call`` with
-    what the block passes on to the next one (``output_cross_layer``)."""
+    """Block ``index`` of the SAT model ``model`` (a stack's owner) on one sample, called as SAT's
+    ``BaseTransformer.forward`` calls it; updates ``call`` with what the block passes on (``output_cross_layer``)."""
     layer_forward = model.transformer.hooks.get("layer_forward")
     out_this, out_cross = {}, {}
     target = layer_forward if layer_forward is not None else model.transformer.layers[index]
@@ -172,30 +241,48 @@ def run_block(model: nn.Module, index: int, hidden: torch.Tensor, call: Dict[str
     return ret
 
 
-def _by_block(model: nn.Module, plans: List[PlannedLayer], blocks: int
-              ) -> Tuple[List[List[PlannedLayer]], List[PlannedLayer]]:
-    """Each planned linear's block: under ``transformer.layers.i``, or at index i of a ``ModuleList`` with one entry
-    per block (a mixin's per-layer layers: LLaMA's ``mixins.mlp.gate_proj.i``, CogVLM's visual expert lists)."""
-    per_block = [name for name, m in model.named_modules()
-                 if isinstance(m, nn.ModuleList) and len(m) == blocks and name]
-    inside: List[List[PlannedLayer]] = [[] for _ in range(blocks)]
+def find_stacks(model: nn.Module) -> List[Stack]:
+    """The model and every SAT model inside it (a vision tower a mixin holds), each with its own blocks."""
+    return [Stack(name, module) for name, module in model.named_modules()
+            if isinstance(module, BaseModel) and isinstance(getattr(module.transformer, "layers", None), nn.ModuleList)]
+
+
+def _assign(stacks: List[Stack], plans: List[PlannedLayer]) -> List[PlannedLayer]:
+    """Fills each stack's ``inside``: a planned linear is in block i of the innermost stack holding it, under
+    ``transformer.layers.i`` or at key i of a ``ModuleList``/``ModuleDict`` with one entry per block (a mixin's
+    per-layer layers: LLaMA's ``mixins.mlp.gate_proj.i``, CogVLM's visual expert ``..._list.i``). Returns the
+    linears in no block."""
+    def owned(name: str, stack: Stack) -> bool:  # in the stack and in none nested inside it
+        inner = [s.prefix for s in stacks if len(s.prefix) > len(stack.prefix) and s.prefix.startswith(stack.prefix)]
+        return (not stack.prefix or name.startswith(stack.prefix + ".")) and not any(
+            name.startswith(prefix + ".") for prefix in inner)
+
+    per_block = {id(stack): [name for name, m in stack.owner.named_modules(prefix=stack.prefix)
+                             if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) == stack.blocks and name
+                             and owned(name, stack)]
+                 for stack in stacks}
+    for stack in stacks:
+        stack.inside = [[] for _ in range(stack.blocks)]
     outside = []
     for planned in plans:
-        index = None
-        for name in planned.names:
-            for root in per_block:
-                rest = name[len(root) + 1:] if name.startswith(root + ".") else ""
-                head = rest.split(".", 1)[0]
-                if head.isdigit():
-                    index = int(head)
+        placed = False
+        for stack in stacks:
+            for name in planned.names:
+                if not owned(name, stack):
+                    continue
+                for root in per_block[id(stack)]:
+                    head = name[len(root) + 1:].split(".", 1)[0] if name.startswith(root + ".") else ""
+                    if head.isdigit():
+                        stack.inside[int(head)].append(planned)
+                        placed = True
+                        break
+                if placed:
                     break
-            if index is not None:
+            if placed:
                 break
-        if index is None:
+        if not placed:
             outside.append(planned)
-        else:
-            inside[index].append(planned)
-    return inside, outside
+    return outside
 
 
 def _refuse_meta_calls(plans: List[PlannedLayer]) -> List[Any]:
@@ -209,79 +296,100 @@ def _refuse_meta_calls(plans: List[PlannedLayer]) -> List[Any]:
     return [p.module.register_forward_pre_hook(check) for p in plans]
 
 
+def _load_full_precision(plans: List[PlannedLayer], source) -> None:
+    """Read each layer's full-precision weight from ``source`` (the calibration passes run them). Loaded up front,
+    not when first called: some code reads ``.weight`` straight into ``F.linear`` (CogAgent's cross-image tower),
+    which a module hook never sees and which computes garbage from a meta weight without an error."""
+    for planned in plans:
+        if planned.module.weight.is_meta:
+            weight = source.get(planned.names[0] + ".weight").to(planned.module.weight.dtype)
+            planned.module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+
+
 @torch.no_grad()
 def calibrate_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sample], *, damp: float = 0.1,
                      act_order: bool = True, store_dtype: Optional[torch.dtype] = torch.bfloat16,
                      spill_bytes: int = DEFAULT_SPILL_BYTES, spill_dir: Optional[str] = None, progress: bool = True,
                      on_block: Optional[Callable[[int], None]] = None) -> BlockCalibration:
-    """GPTQ for every calibratable layer inside ``model.transformer.layers``, one block at a time (see the module
-    docstring). ``model`` is a ``full_precision_skeleton``; ``source`` the full-precision checkpoint's tensors.
-    ``store_dtype=None`` keeps activations in the model's dtype (bitwise the in-memory result)."""
+    """GPTQ for every calibratable layer inside the blocks of ``model`` and of the SAT models it holds, one block at a
+    time, stack after stack (see the module docstring). ``model`` is a ``full_precision_skeleton``; ``source`` the
+    full-precision checkpoint's tensors. ``store_dtype=None`` keeps activations in the model's dtype (bitwise the
+    in-memory result). ``on_block`` gets each block's index within its stack as it finishes."""
     config.validate()
     start = time.perf_counter()
     plans = plan_layers(model, config)
-    blocks = len(model.transformer.layers)
-    inside, outside = _by_block(model, plans, blocks)
+    stacks = find_stacks(model)
+    outside = _assign(stacks, plans)
+    stacks = [stack for stack in stacks if any(stack.inside)]
     result = BlockCalibration()
     result.uncalibrated = [p.names[0] for p in outside
                            if p.spec is not None and get_format(p.spec.format).calibratable]
     if result.uncalibrated:
         log.warning("calibration: %d layer(s) outside the transformer blocks are quantized without calibration: %s",
                     len(result.uncalibrated), ", ".join(result.uncalibrated[:5]))
-    guards = _refuse_meta_calls(plans)
+    guards = _refuse_meta_calls([p for stack in stacks for block in stack.inside for p in block])
+    _load_full_precision(outside, source)
     try:
-        _calibrate(model, source, samples, inside, result, damp=damp, act_order=act_order, store_dtype=store_dtype,
-                   spill_bytes=spill_bytes, spill_dir=spill_dir, progress=progress, on_block=on_block)
+        with tempfile.TemporaryDirectory(prefix="sat-quant-activations-", dir=spill_dir) as folder:
+            done: Dict[str, Tuple[Stack, ActivationStore]] = {}
+            while len(done) < len(stacks):
+                pending = [stack for stack in stacks if stack.prefix not in done]
+                store = ActivationStore(store_dtype, spill_bytes, os.path.join(folder, str(len(done))))
+                os.makedirs(store.folder)
+                stack, calls = capture_first_block_inputs(model, samples, store, pending, done)
+                _calibrate_stack(stack, source, store, calls, result, damp=damp, act_order=act_order,
+                                 progress=progress, on_block=on_block)
+                done[stack.prefix] = (stack, store)
+                result.spilled_bytes += store.spilled
     finally:
         for guard in guards:
             guard.remove()
+        for planned in outside:
+            weight_to_meta_(planned.module)
+        release_freed_memory()
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _calibrate(model, source, samples, inside, result, *, damp, act_order, store_dtype, spill_bytes, spill_dir,
-               progress, on_block) -> None:
-    blocks = len(inside)
-    with tempfile.TemporaryDirectory(prefix="sat-quant-activations-", dir=spill_dir) as folder:
-        store = ActivationStore(store_dtype, spill_bytes, folder)
-        calls = capture_first_block_inputs(model, samples, store)
-        act_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta),
-                         torch.float32)
-        bar = tqdm(range(blocks), desc="calibrating", unit="block", disable=not progress)
-        for index in bar:
-            planned = inside[index]
-            for p in planned:  # this block's linear weights, full precision, read from the source
-                weight = source.get(p.names[0] + ".weight").to(p.module.weight.dtype)
-                p.module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-            calibrated = {p.names[0]: p for p in planned if p.spec is not None
-                          and get_format(p.spec.format).calibratable}
+def _calibrate_stack(stack: Stack, source, store: ActivationStore, calls: List[Dict[str, Any]],
+                     result: BlockCalibration, *, damp, act_order, progress, on_block) -> None:
+    """GPTQ for one stack's blocks in order; ``store`` holds the first block's inputs and ends with the last's
+    outputs (full precision: what later stacks replay)."""
+    owner = stack.owner
+    _sync_hooks(owner)  # run_block calls the blocks directly, not through the model's forward
+    act_dtype = next((p.dtype for p in owner.parameters() if p.is_floating_point() and not p.is_meta), torch.float32)
+    desc = "calibrating" if not stack.prefix else f"calibrating {stack.prefix}"
+    for index in tqdm(range(stack.blocks), desc=desc, unit="block", disable=not progress):
+        planned = stack.inside[index]
+        for p in planned:  # this block's linear weights, full precision, read from the source
+            weight = source.get(p.names[0] + ".weight").to(p.module.weight.dtype)
+            p.module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+        calibrated = {p.names[0]: p for p in planned if p.spec is not None and get_format(p.spec.format).calibratable}
 
-            def run(_model, index=index):
-                for i in range(len(calls)):
-                    out = run_block(model, index, store.get(i, act_dtype), calls[i])
-                    store.put(i, out)
+        def run(_model, index=index):
+            for i in range(len(calls)):
+                store.put(i, run_block(owner, index, store.get(i, act_dtype), calls[i]))
 
-            if calibrated:
-                hessians = collect_hessians(model, run, {n: p.module for n, p in calibrated.items()})
+        if calibrated:
+            hessians = collect_hessians(owner, run, {n: p.module for n, p in calibrated.items()})
+        else:
+            hessians = {}
+            run(owner)
+        for p in planned:
+            if p.spec is None:
+                continue
+            fmt = get_format(p.spec.format)
+            name = p.names[0]
+            if name in hessians:
+                result.neutral[name] = fmt.quantize(p.module.weight, p.spec, hessian=hessians.pop(name),
+                                                    damp=damp, act_order=act_order)
             else:
-                hessians = {}
-                run(model)
-            for p in planned:
-                if p.spec is None:
-                    continue
-                fmt = get_format(p.spec.format)
-                name = p.names[0]
-                if name in hessians:
-                    result.neutral[name] = fmt.quantize(p.module.weight, p.spec, hessian=hessians.pop(name),
-                                                        damp=damp, act_order=act_order)
-                else:
-                    result.neutral[name] = fmt.quantize(p.module.weight, p.spec)
-            for p in planned:
-                weight_to_meta_(p.module)
-            release_freed_memory()
-            if on_block is not None:
-                on_block(index)
-        result.spilled_bytes = store.spilled
+                result.neutral[name] = fmt.quantize(p.module.weight, p.spec)
+        for p in planned:
+            weight_to_meta_(p.module)
+        release_freed_memory()
+        if on_block is not None:
+            on_block(index)
 
 
 def estimate_seconds(model: nn.Module, config: QuantConfig, tokens: int) -> float:
@@ -303,4 +411,4 @@ def estimate_seconds(model: nn.Module, config: QuantConfig, tokens: int) -> floa
 
 
 __all__ = ["estimate_seconds", "full_precision_skeleton", "capture_first_block_inputs", "run_block", "calibrate_blocks",
-           "ActivationStore", "BlockCalibration", "DEFAULT_SPILL_BYTES"]
+           "find_stacks", "Stack", "ActivationStore", "BlockCalibration", "DEFAULT_SPILL_BYTES"]

@@ -44,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_quant_args(conv)
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.add_argument("--calibrate", metavar="FILE",
-                      help="GPTQ for the 4-bit layers of the transformer blocks, one block at a time, on FILE's text "
-                           "lines (language models)")
+                      help="GPTQ for the 4-bit layers of the transformer blocks, one block at a time, on FILE: text "
+                           "lines (language models) or JSONL of {\"image\": path, \"text\": prompt} (CogVLM, "
+                           "CogAgent; run from the checkout with --import utils.models)")
     conv.add_argument("--calibrate-samples", type=int, default=128, metavar="N",
                       help="use the first N samples of --calibrate FILE (default 128)")
     conv.add_argument("--tokenizer", default="lmsys/vicuna-7b-v1.5", metavar="PATH",
-                      help="tokenizer for --calibrate text: a folder, or a name in the local Hugging Face cache "
+                      help="tokenizer for --calibrate: a folder, or a name in the local Hugging Face cache "
                            "(default: CogVLM's scripts' --local_tokenizer)")
     conv.add_argument("--dry-run", action="store_true",
                       help="with --calibrate: print the time estimate and stop (nothing is written)")

@@ -15,13 +15,20 @@ from typing import List, Optional
 import torch
 
 from ..engine.config import QuantConfig
+from ..errors import QuantConfigError
 from ..io.commit import check_destination, staged_folder
 from ..io.load import check_fits
 from ..io.save import save_model
 from ..oom import oom_guidance
 from ..sat.checkpoint import model_config_dict
-from .calibrate_blocks import DEFAULT_SPILL_BYTES, calibrate_blocks, estimate_seconds, full_precision_skeleton
-from .calibration_data import DEFAULT_TOKENIZER, load_tokenizer, read_lines, text_samples
+from .calibrate_blocks import (
+    DEFAULT_SPILL_BYTES,
+    calibrate_blocks,
+    estimate_seconds,
+    find_stacks,
+    full_precision_skeleton,
+)
+from .calibration_data import DEFAULT_TOKENIZER, image_samples, load_tokenizer, read_calibration_file, text_samples
 from .convert_stream import Throughput, converted_stream, quantized_on_meta
 from .sources import ProgressSource, open_full_precision
 
@@ -76,14 +83,24 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
 
 def _calibrate(fp, config: QuantConfig, calibration: Calibration, progress: bool):
     """The calibrated layers' tensors, by name; None after a dry run (which prints the estimate)."""
-    lines = read_lines(calibration.file, calibration.samples)
-    tokenizer = load_tokenizer(calibration.tokenizer)
-    samples = text_samples(lines, tokenizer, int(fp.args.max_sequence_length), int(fp.args.vocab_size))
+    kind, items = read_calibration_file(calibration.file, calibration.samples)
     skeleton = full_precision_skeleton(fp.cls, fp.args, fp.source)
+    if kind == "images":
+        if not hasattr(fp.args, "image_length") or not isinstance(getattr(fp.args, "eva_args", None), dict):
+            raise QuantConfigError(f"--calibrate {calibration.file} holds image prompts, but {fp.cls.__name__} is not "
+                                   f"a CogVLM/CogAgent model; pass a file of text lines.")
+        dtype = next(p.dtype for p in skeleton.parameters() if p.is_floating_point())
+        samples = image_samples(items, fp.args, calibration.tokenizer, dtype)
+    else:
+        tokenizer = load_tokenizer(calibration.tokenizer)
+        samples = text_samples(items, tokenizer, int(fp.args.max_sequence_length), int(fp.args.vocab_size))
     tokens = sum(s["input_ids"].numel() for s in samples)
     estimate = estimate_seconds(skeleton, config, tokens)
     how_long = f"{estimate:.0f} s" if estimate < 90 else f"{estimate / 60:.0f} min"
-    print(f"convert --calibrate: {len(samples)} samples, {tokens} tokens, {len(skeleton.transformer.layers)} blocks: "
+    stacks = find_stacks(skeleton)
+    blocks = " + ".join(f"{len(s.owner.transformer.layers)} ({s.name})" for s in reversed(stacks)) \
+        if len(stacks) > 1 else str(len(skeleton.transformer.layers))
+    print(f"convert --calibrate: {len(samples)} samples, {tokens} tokens, {blocks} blocks: "
           f"about {how_long} of calibration (a rough estimate from this CPU's matmul speed), then the conversion")
     if calibration.dry_run:
         return None

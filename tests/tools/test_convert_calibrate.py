@@ -77,7 +77,7 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(env, capsys):
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("jsonl", "JSONL"), ("empty", "holds no text"), ("tokenizer", "--tokenizer"), ("samples", "--calibrate-samples"),
+    ("jsonl", "not found"), ("empty", "holds no text"), ("tokenizer", "--tokenizer"), ("samples", "--calibrate-samples"),
     ("dry-run alone", "pass it with --calibrate")])
 def test_bad_calibration_input_is_one_line_with_status_2(env, capsys, case, needle):
     root = env["root"]

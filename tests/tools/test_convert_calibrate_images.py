@@ -1,0 +1,179 @@
+"""``sat-quant convert ... --calibrate prompts.jsonl`` on the tiny real CogVLM and CogAgent: image+text prompts prepared
+by the checkout's own processors, the EVA2-CLIP tower calibrated first, then the language model (visual expert
+included) on the tower's full-precision output; the layers inside both are bitwise what the in-memory
+``quantize_calibrated_`` gives on the same prompts."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sat_quant
+from sat_quant import QuantConfig
+from sat_quant.testing.cogvlm_assets import make_image, make_tokenizer
+from sat_quant.tools.calibration_data import image_samples, read_calibration_file
+from sat_quant.tools.cli import main
+from tests.cogvlm_fixture import cogvlm_available
+from tests.conftest import save_fp_with_sat
+
+pytestmark = pytest.mark.skipif(not cogvlm_available(), reason="needs the CogVLM snapshot (../shared/cogvlm)")
+
+QUESTIONS = ["What is in the picture?", "Describe the colours.", "How many shapes are there?"]
+CONFIG = QuantConfig(bits=4, group_size=64)
+VISION = "mixins.eva.vit_model.transformer.layers."
+EXPERT = ("mixins.mlp.vision_", "mixins.rotary.vision_")
+
+
+def _prompts(root, size: int) -> str:
+    lines = []
+    for i, question in enumerate(QUESTIONS):
+        make_image(str(root / f"img{i}.png"), size=size, seed=i)
+        lines.append(json.dumps({"image": f"img{i}.png", "text": question}))
+    path = root / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _tensors(folder):
+    return load_file(os.path.join(folder, "1", "mp_rank_00_model_states.safetensors"))
+
+
+def _in_memory_reference(model, args, jsonl: str, tok: str, out: str, config: QuantConfig = CONFIG):
+    """The in-memory path on the same prompts: the whole bf16 model, quantize_calibrated_, save_checkpoint."""
+    samples = image_samples(read_calibration_file(jsonl, None)[1], args, tok, torch.bfloat16)
+
+    def run(m):
+        for sample in samples:
+            m(**sample)
+    model = copy.deepcopy(model)
+    sat_quant.quantize_calibrated_(model, config, run)
+    sat_quant.save_checkpoint(model, out, args=args)
+    return _tensors(out)
+
+
+def _check_against_reference(got, reference, plain, outside_prefix: str):
+    """Inside the stacks: bitwise the in-memory GPTQ. Outside (adapters, a tower that is not a SAT model): plain RTN,
+    as a convert without --calibrate writes it."""
+    calibrated = sorted({n.rsplit(".", 1)[0] for n in got if n.endswith(".qweight")})
+    inside = [n for n in calibrated if not n.startswith(outside_prefix)]
+    assert any(n.startswith(VISION) for n in inside) and any(n.startswith(EXPERT) for n in inside)
+    for name in inside:
+        for suffix in ("qweight", "scale", "zero"):
+            key = f"{name}.{suffix}"
+            if key in got:
+                assert torch.equal(got[key], reference[key]), key
+        assert not torch.equal(got[name + ".qweight"], plain[name + ".qweight"]), name  # GPTQ changed it
+    outside = [n for n in calibrated if n.startswith(outside_prefix)]
+    assert outside
+    for name in outside:
+        assert torch.equal(got[name + ".qweight"], plain[name + ".qweight"]), name
+    assert set(got) == set(plain)
+
+
+@pytest.fixture(scope="module")
+def cogvlm(tmp_path_factory):
+    from tests.cogvlm_fixture import build_tiny_cogvlm
+    root = tmp_path_factory.mktemp("cogvlm-images")
+    model, args = build_tiny_cogvlm(torch.bfloat16)
+    src = save_fp_with_sat(model, args, root / "fp")
+    return dict(root=root, model=model, args=args, src=src, tok=make_tokenizer(str(root / "tok")),
+                jsonl=_prompts(root, 224))
+
+
+def test_cogvlm_image_calibration_from_the_cli_matches_the_in_memory_path(cogvlm, one_torch_thread, capsys):
+    root = cogvlm["root"]
+    dst, plain = str(root / "q-cal"), str(root / "q-rtn")
+    status = main(["convert", cogvlm["src"], dst, "--quant", "4", "--quant-group-size", "64", "--calibrate",
+                   cogvlm["jsonl"], "--tokenizer", cogvlm["tok"], "--import", "utils.models", "--quiet"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert "3 samples" in out.out and "2 (mixins.eva.vit_model) + 2 (the model) blocks" in out.out, out.out
+    sat_quant.convert(cogvlm["src"], plain, CONFIG, progress=False)
+    reference = _in_memory_reference(cogvlm["model"], cogvlm["args"], cogvlm["jsonl"], cogvlm["tok"],
+                                     str(root / "q-mem"))
+    _check_against_reference(_tensors(dst), reference, _tensors(plain), "mixins.eva.linear_proj.")
+    loaded, _ = sat_quant.from_pretrained(None, dst)
+    dtype = next(p.dtype for p in loaded.parameters() if p.is_floating_point())
+    sample = image_samples(read_calibration_file(cogvlm["jsonl"], 1)[1], cogvlm["args"], cogvlm["tok"], dtype)[0]
+    with torch.no_grad():
+        logits = loaded.eval()(**sample)[0]
+    assert torch.isfinite(logits.float()).all()
+
+
+def test_samples_are_what_cogvlms_chat_prepares(cogvlm):
+    """The prompt template, the image slots and the positions come from the checkout's processors."""
+    sample = image_samples(read_calibration_file(cogvlm["jsonl"], 1)[1], cogvlm["args"], cogvlm["tok"],
+                           torch.bfloat16)[0]
+    ids, image_length = sample["input_ids"][0], cogvlm["args"].image_length
+    assert int(sample["image_embed_mask"].sum()) == image_length + 2  # boi, the image, eoi
+    assert int(sample["vision_expert_mask"].sum()) == image_length + 1
+    assert sample["vision_image"].shape == (1, 3, 224, 224) and sample["vision_image"].dtype == torch.bfloat16
+    assert sample["attention_mask"].shape == (1, 1, len(ids), len(ids))
+    positions = sample["position_ids"][0]
+    assert positions[-1] == len(ids) - image_length  # every image token shares one rotary position
+    from sat_quant.tools.calibration_data import _checkout_module
+    tok = _checkout_module("language").llama2_tokenizer(cogvlm["tok"], signal_type="chat")
+    text = tok.decode(ids[image_length + 3:])
+    assert "[INST]" in text and "What is in the picture?" in text and "[/INST]" in text  # CogVLM's chat template
+
+
+@pytest.fixture(scope="module")
+def cogagent(tmp_path_factory):
+    from tests.cogagent_fixture import build_tiny_cogagent
+    root = tmp_path_factory.mktemp("cogagent-images")
+    model, args = build_tiny_cogagent(torch.bfloat16)
+    src = save_fp_with_sat(model, args, root / "fp")
+    return dict(root=root, model=model, args=args, src=src, tok=make_tokenizer(str(root / "tok")),
+                jsonl=_prompts(root, 112))
+
+
+def test_cogagent_image_calibration_matches_the_in_memory_path(cogagent, one_torch_thread, capsys):
+    root = cogagent["root"]
+    dst, plain = str(root / "q-cal"), str(root / "q-rtn")
+    status = main(["convert", cogagent["src"], dst, "--quant", "4", "--quant-group-size", "64", "--calibrate",
+                   cogagent["jsonl"], "--tokenizer", cogagent["tok"], "--import", "tests.cogagent_fixture", "--quiet"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    sat_quant.convert(cogagent["src"], plain, CONFIG, progress=False)
+    # in memory, the cross-image tower (which reads .weight into F.linear: no hook sees it) stays full precision,
+    # as it is while the block path calibrates; everything else is the in-memory GPTQ
+    skip_cross = QuantConfig(bits=4, group_size=64, skip=("mixins.encoder.*",))
+    reference = _in_memory_reference(cogagent["model"], cogagent["args"], cogagent["jsonl"], cogagent["tok"],
+                                     str(root / "q-mem"), skip_cross)
+    got = _tensors(dst)
+    # the cross-image tower (not a SAT model) and the GLU adapter are outside the blocks: plain RTN
+    outside = ("mixins.encoder.", "mixins.eva.linear_proj.")
+    for name in {n.rsplit(".", 1)[0] for n in got if n.endswith(".qweight") and n.startswith(outside)}:
+        assert torch.equal(got[name + ".qweight"], _tensors(plain)[name + ".qweight"]), name
+    _check_against_reference({k: v for k, v in got.items() if not k.startswith("mixins.encoder.")},
+                             reference, {k: v for k, v in _tensors(plain).items() if not k.startswith("mixins.encoder.")},
+                             "mixins.eva.linear_proj.")
+    assert any(n.startswith("mixins.encoder.") for n in got)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("llama", "not a CogVLM/CogAgent model"), ("missing", "not found"), ("not json", "line 2 is not JSON"),
+    ("keys", "needs an \"image\" path"), ("not an image", "as an image")])
+def test_bad_image_prompts_are_one_line_with_status_2(cogvlm, tmp_path, capsys, case, needle):
+    from sat.model.base_model import get_model as sat_get_model
+
+    from tests.conftest import SAT_MODELS, sat_args
+    src = cogvlm["src"]
+    make_image(str(tmp_path / "ok.png"), size=64)
+    (tmp_path / "fake.png").write_text("not an image")
+    lines = {"llama": ['{"image": "ok.png", "text": "hi"}'], "missing": ['{"image": "gone.png", "text": "hi"}'],
+             "not json": ['{"image": "ok.png", "text": "hi"}', '{"image": '],
+             "keys": ['{"picture": "ok.png"}'], "not an image": ['{"image": "fake.png", "text": "hi"}']}[case]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    if case == "llama":
+        args = sat_args("llama")
+        src = save_fp_with_sat(sat_get_model(args, SAT_MODELS["llama"][0]), args, tmp_path / "llama")
+    status = main(["convert", src, str(tmp_path / "bad"), "--quant", "4", "--quiet", "--calibrate",
+                   str(tmp_path / "p.jsonl"), "--tokenizer", cogvlm["tok"], "--import", "utils.models"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and needle in err[0], err
+    assert not os.path.exists(tmp_path / "bad")
