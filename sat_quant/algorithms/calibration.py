@@ -46,11 +46,12 @@ def _hessian_chunks(modules: Dict[str, nn.Module], max_bytes: int) -> List[List[
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, run: RunFn, modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
+def collect_hessians(model: nn.Module, run: RunFn, modules: Dict[str, nn.Module],
+                     allow_missing: bool = False) -> Dict[str, torch.Tensor]:
     """``{name: E[x x^T]}`` (float32 [in, in]) of each given linear's input over one ``run(model)``.
 
     Forward hooks see every call of the layer (a layer used twice contributes twice); the model must still
-    hold full-precision weights.
+    hold full-precision weights. A layer ``run`` never calls is an error, or, with ``allow_missing``, left out.
     """
     sums: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
@@ -74,10 +75,10 @@ def collect_hessians(model: nn.Module, run: RunFn, modules: Dict[str, nn.Module]
         for handle in handles:
             handle.remove()
     missing = [n for n in modules if n not in sums]
-    if missing:
+    if missing and not allow_missing:
         raise QuantConfigError(f"calibration: run(model) never called {len(missing)} layer(s), e.g. {missing[:3]}; "
                                f"the calibration inputs must reach every layer being calibrated.")
-    return {n: sums[n] / max(counts[n], 1) for n in modules}
+    return {n: sums[n] / max(counts[n], 1) for n in modules if n in sums}
 
 
 def iter_hessians(model: nn.Module, run: RunFn, modules: Dict[str, nn.Module],

@@ -371,7 +371,14 @@ def _calibrate_stack(stack: Stack, source, store: ActivationStore, calls: List[D
                 store.put(i, run_block(owner, index, store.get(i, act_dtype), calls[i]))
 
         if calibrated:
-            hessians = collect_hessians(owner, run, {n: p.module for n, p in calibrated.items()})
+            # a layer the samples never reach (CogVLM's visual expert under text-only samples) is quantized plainly
+            hessians = collect_hessians(owner, run, {n: p.module for n, p in calibrated.items()}, allow_missing=True)
+            unreached = [n for n in calibrated if n not in hessians]
+            if unreached:
+                result.uncalibrated += unreached
+                log.warning("calibration: the samples never reach %d layer(s) of %s (e.g. %s): quantized without "
+                            "calibration; calibrate with inputs that use them (CogVLM: image prompts)",
+                            len(unreached), stack.name, unreached[0])
         else:
             hessians = {}
             run(owner)

@@ -84,11 +84,15 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
 def _calibrate(fp, config: QuantConfig, calibration: Calibration, progress: bool):
     """The calibrated layers' tensors, by name; None after a dry run (which prints the estimate)."""
     kind, items = read_calibration_file(calibration.file, calibration.samples)
+    vision_model = hasattr(fp.args, "image_length") and isinstance(getattr(fp.args, "eva_args", None), dict)
+    if kind == "images" and not vision_model:
+        raise QuantConfigError(f"--calibrate {calibration.file} holds image prompts, but {fp.cls.__name__} is not "
+                               f"a CogVLM/CogAgent model; pass a file of text lines.")
+    if kind == "text" and vision_model:
+        raise QuantConfigError(f"--calibrate {calibration.file} holds text lines, but {fp.cls.__name__} takes image "
+                               f'prompts: pass JSONL, one {{"image": "photo.jpg", "text": "question"}} per line.')
     skeleton = full_precision_skeleton(fp.cls, fp.args, fp.source)
     if kind == "images":
-        if not hasattr(fp.args, "image_length") or not isinstance(getattr(fp.args, "eva_args", None), dict):
-            raise QuantConfigError(f"--calibrate {calibration.file} holds image prompts, but {fp.cls.__name__} is not "
-                                   f"a CogVLM/CogAgent model; pass a file of text lines.")
         dtype = next(p.dtype for p in skeleton.parameters() if p.is_floating_point())
         samples = image_samples(items, fp.args, calibration.tokenizer, dtype)
     else:

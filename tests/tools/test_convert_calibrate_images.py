@@ -155,8 +155,31 @@ def test_cogagent_image_calibration_matches_the_in_memory_path(cogagent, one_tor
     assert any(n.startswith("mixins.encoder.") for n in got)
 
 
+def test_layers_the_samples_never_reach_are_quantized_plainly_and_listed(cogvlm, one_torch_thread, tmp_path):
+    """Prompts whose vision_expert_mask is empty never run the visual expert: its layers get plain RTN and are
+    listed, the rest is calibrated (no error, no silent GPTQ on nothing)."""
+    from sat_quant.tools.calibrate_blocks import calibrate_blocks, full_precision_skeleton
+    from sat_quant.tools.sources import open_full_precision
+    samples = image_samples(read_calibration_file(cogvlm["jsonl"], 2)[1], cogvlm["args"], cogvlm["tok"],
+                            torch.bfloat16)
+    for sample in samples:
+        sample["vision_expert_mask"] = torch.zeros_like(sample["vision_expert_mask"])
+    fp = open_full_precision(cogvlm["src"], "convert", ["utils.models"])
+    result = calibrate_blocks(full_precision_skeleton(fp.cls, fp.args, fp.source), fp.source, CONFIG, samples,
+                              progress=False, store_dtype=None)
+    experts = [n for n in result.uncalibrated if n.startswith(EXPERT)]
+    assert len(experts) == 5 * 2  # five expert linears in each of the two blocks
+    plain = str(tmp_path / "q-rtn")
+    sat_quant.convert(cogvlm["src"], plain, CONFIG, progress=False)
+    plain = _tensors(plain)
+    for name, tensors in result.neutral.items():
+        same = torch.equal(tensors["qweight"], plain[name + ".qweight"])
+        assert same == (name in experts), name  # plain RTN exactly where the samples never reach
+
+
 @pytest.mark.parametrize("case,needle", [
-    ("llama", "not a CogVLM/CogAgent model"), ("missing", "not found"), ("not json", "line 2 is not JSON"),
+    ("llama", "not a CogVLM/CogAgent model"), ("text", "takes image prompts"), ("missing", "not found"),
+    ("not json", "line 2 is not JSON"),
     ("keys", "needs an \"image\" path"), ("not an image", "as an image")])
 def test_bad_image_prompts_are_one_line_with_status_2(cogvlm, tmp_path, capsys, case, needle):
     from sat.model.base_model import get_model as sat_get_model
@@ -167,7 +190,8 @@ def test_bad_image_prompts_are_one_line_with_status_2(cogvlm, tmp_path, capsys, 
     (tmp_path / "fake.png").write_text("not an image")
     lines = {"llama": ['{"image": "ok.png", "text": "hi"}'], "missing": ['{"image": "gone.png", "text": "hi"}'],
              "not json": ['{"image": "ok.png", "text": "hi"}', '{"image": '],
-             "keys": ['{"picture": "ok.png"}'], "not an image": ['{"image": "fake.png", "text": "hi"}']}[case]
+             "keys": ['{"picture": "ok.png"}'], "not an image": ['{"image": "fake.png", "text": "hi"}'],
+             "text": ["a line of text"]}[case]
     (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
     if case == "llama":
         args = sat_args("llama")
