@@ -32,11 +32,12 @@ source for the calibration passes and dropped at the end (CogAgent-18B: ~0.9 GB,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from sat.model.base_model import BaseModel
@@ -44,6 +45,16 @@ from torch import nn
 from tqdm import tqdm
 
 from ..algorithms.calibration import collect_hessians
+from ..algorithms.planner import (
+    DEFAULT_CANDIDATES,
+    LayerCosts,
+    QuantPlan,
+    finish_plan,
+    layer_costs,
+    parse_budget,
+    parse_candidates,
+    weight_costs,
+)
 from ..engine.config import QuantConfig
 from ..engine.formats import get_format
 from ..engine.replace import PlannedLayer, plan_layers, release_freed_memory, weight_to_meta_
@@ -306,6 +317,9 @@ def _load_full_precision(plans: List[PlannedLayer], source) -> None:
             planned.module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
 
 
+Consume = Callable[[List[PlannedLayer], Dict[str, torch.Tensor]], None]
+
+
 @torch.no_grad()
 def calibrate_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sample], *, damp: float = 0.1,
                      act_order: bool = True, store_dtype: Optional[torch.dtype] = torch.bfloat16,
@@ -315,13 +329,74 @@ def calibrate_blocks(model: nn.Module, source, config: QuantConfig, samples: Lis
     time, stack after stack (see the module docstring). ``model`` is a ``full_precision_skeleton``; ``source`` the
     full-precision checkpoint's tensors. ``store_dtype=None`` keeps activations in the model's dtype (bitwise the
     in-memory result). ``on_block`` gets each block's index within its stack as it finishes."""
+    result = BlockCalibration()
+
+    def quantize(planned: List[PlannedLayer], hessians: Dict[str, torch.Tensor]) -> None:
+        for p in planned:
+            if p.spec is None:
+                continue
+            fmt = get_format(p.spec.format)
+            name = p.names[0]
+            if name in hessians:
+                result.neutral[name] = fmt.quantize(p.module.weight, p.spec, hessian=hessians.pop(name),
+                                                    damp=damp, act_order=act_order)
+            else:
+                result.neutral[name] = fmt.quantize(p.module.weight, p.spec)
+
+    _walk_blocks(model, source, config, samples, result, quantize,
+                 wants_hessian=lambda p: get_format(p.spec.format).calibratable, store_dtype=store_dtype,
+                 spill_bytes=spill_bytes, spill_dir=spill_dir, progress=progress, on_block=on_block)
+    return result
+
+
+@torch.no_grad()
+def plan_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sample], budget, *,
+                candidates: Sequence[str] = DEFAULT_CANDIDATES, store_dtype: Optional[torch.dtype] = torch.bfloat16,
+                spill_bytes: int = DEFAULT_SPILL_BYTES, spill_dir: Optional[str] = None,
+                progress: bool = True) -> QuantPlan:
+    """The calibrated planner (layer-local sensitivity) one block at a time: each planned layer inside a block is
+    scored on its own output from its calibration Hessian (``planner.layer_costs``, GPTQ for int4/int4c
+    candidates), the others with the weight proxy; then the knapsack. Bitwise ``plan_quantization(model, budget,
+    run=..., sensitivity="layer")`` on a model that fits in memory, with the same activations' dtype."""
+    budget, candidates = parse_budget(budget), parse_candidates(candidates)
+    base = config.validate()
+    costs: Dict[str, LayerCosts] = {}
+
+    def score(planned: List[PlannedLayer], hessians: Dict[str, torch.Tensor]) -> None:
+        for p in planned:
+            if p.spec is None:
+                continue
+            name = p.names[0]
+            hessian = hessians.pop(name, None)
+            costs[name] = (layer_costs(name, p.module.weight, hessian, candidates) if hessian is not None
+                           else weight_costs(name, p.module.weight, candidates))
+
+    result = BlockCalibration()
+    outside = _walk_blocks(model, source, base, samples, result, score, wants_hessian=lambda p: True,
+                           store_dtype=store_dtype, spill_bytes=spill_bytes, spill_dir=spill_dir, progress=progress,
+                           on_block=None, desc="planning")
+    planned = [p for p in plan_layers(model, base) if p.spec is not None]
+    for p in outside:
+        if p.spec is not None:
+            costs[p.names[0]] = weight_costs(p.names[0], source.get(p.names[0] + ".weight"), candidates,
+                                             p.module.weight.dtype)
+    weights = {p.names[0] + ".weight" for p in planned}
+    fixed = sum(math.prod(shape) * dtype.itemsize for name, (shape, dtype) in source.layout().items()
+                if name not in weights)
+    return finish_plan([costs[p.names[0]] for p in planned], budget, fixed, "layer", base)
+
+
+def _walk_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sample], result: BlockCalibration,
+                 consume: Consume, *, wants_hessian: Callable[[PlannedLayer], bool], store_dtype, spill_bytes,
+                 spill_dir, progress, on_block, desc: str = "calibrating") -> List[PlannedLayer]:
+    """Every stack's blocks in forward order, each block's weights loaded and its Hessians collected for the layers
+    ``wants_hessian`` picks, then ``consume(block's planned layers, hessians)``. Returns the layers outside."""
     config.validate()
     start = time.perf_counter()
     plans = plan_layers(model, config)
     stacks = find_stacks(model)
     outside = _assign(stacks, plans)
     stacks = [stack for stack in stacks if any(stack.inside)]
-    result = BlockCalibration()
     result.uncalibrated = [p.names[0] for p in outside
                            if p.spec is not None and get_format(p.spec.format).calibratable]
     if result.uncalibrated:
@@ -337,8 +412,7 @@ def calibrate_blocks(model: nn.Module, source, config: QuantConfig, samples: Lis
                 store = ActivationStore(store_dtype, spill_bytes, os.path.join(folder, str(len(done))))
                 os.makedirs(store.folder)
                 stack, calls = capture_first_block_inputs(model, samples, store, pending, done)
-                _calibrate_stack(stack, source, store, calls, result, damp=damp, act_order=act_order,
-                                 progress=progress, on_block=on_block)
+                _walk_stack(stack, source, store, calls, result, consume, wants_hessian, progress, on_block, desc)
                 done[stack.prefix] = (stack, store)
                 result.spilled_bytes += store.spilled
     finally:
@@ -348,32 +422,32 @@ def calibrate_blocks(model: nn.Module, source, config: QuantConfig, samples: Lis
             weight_to_meta_(planned.module)
         release_freed_memory()
     result.seconds = time.perf_counter() - start
-    return result
+    return outside
 
 
-def _calibrate_stack(stack: Stack, source, store: ActivationStore, calls: List[Dict[str, Any]],
-                     result: BlockCalibration, *, damp, act_order, progress, on_block) -> None:
-    """GPTQ for one stack's blocks in order; ``store`` holds the first block's inputs and ends with the last's
-    outputs (full precision: what later stacks replay)."""
+def _walk_stack(stack: Stack, source, store: ActivationStore, calls: List[Dict[str, Any]], result: BlockCalibration,
+                consume: Consume, wants_hessian, progress, on_block, desc: str) -> None:
+    """One stack's blocks in order; ``store`` holds the first block's inputs and ends with the last's outputs (full
+    precision: what later stacks replay)."""
     owner = stack.owner
     _sync_hooks(owner)  # run_block calls the blocks directly, not through the model's forward
     act_dtype = next((p.dtype for p in owner.parameters() if p.is_floating_point() and not p.is_meta), torch.float32)
-    desc = "calibrating" if not stack.prefix else f"calibrating {stack.prefix}"
+    desc = desc if not stack.prefix else f"{desc} {stack.prefix}"
     for index in tqdm(range(stack.blocks), desc=desc, unit="block", disable=not progress):
         planned = stack.inside[index]
         for p in planned:  # this block's linear weights, full precision, read from the source
             weight = source.get(p.names[0] + ".weight").to(p.module.weight.dtype)
             p.module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-        calibrated = {p.names[0]: p for p in planned if p.spec is not None and get_format(p.spec.format).calibratable}
+        measured = {p.names[0]: p for p in planned if p.spec is not None and wants_hessian(p)}
 
         def run(_model, index=index):
             for i in range(len(calls)):
                 store.put(i, run_block(owner, index, store.get(i, act_dtype), calls[i]))
 
-        if calibrated:
+        if measured:
             # a layer the samples never reach (CogVLM's visual expert under text-only samples) is quantized plainly
-            hessians = collect_hessians(owner, run, {n: p.module for n, p in calibrated.items()}, allow_missing=True)
-            unreached = [n for n in calibrated if n not in hessians]
+            hessians = collect_hessians(owner, run, {n: p.module for n, p in measured.items()}, allow_missing=True)
+            unreached = [n for n in measured if n not in hessians]
             if unreached:
                 result.uncalibrated += unreached
                 log.warning("calibration: the samples never reach %d layer(s) of %s (e.g. %s): quantized without "
@@ -382,16 +456,7 @@ def _calibrate_stack(stack: Stack, source, store: ActivationStore, calls: List[D
         else:
             hessians = {}
             run(owner)
-        for p in planned:
-            if p.spec is None:
-                continue
-            fmt = get_format(p.spec.format)
-            name = p.names[0]
-            if name in hessians:
-                result.neutral[name] = fmt.quantize(p.module.weight, p.spec, hessian=hessians.pop(name),
-                                                    damp=damp, act_order=act_order)
-            else:
-                result.neutral[name] = fmt.quantize(p.module.weight, p.spec)
+        consume(planned, hessians)
         for p in planned:
             weight_to_meta_(p.module)
         release_freed_memory()
@@ -418,4 +483,4 @@ def estimate_seconds(model: nn.Module, config: QuantConfig, tokens: int) -> floa
 
 
 __all__ = ["estimate_seconds", "full_precision_skeleton", "capture_first_block_inputs", "run_block", "calibrate_blocks",
-           "find_stacks", "Stack", "ActivationStore", "BlockCalibration", "DEFAULT_SPILL_BYTES"]
+           "plan_blocks", "find_stacks", "Stack", "ActivationStore", "BlockCalibration", "DEFAULT_SPILL_BYTES"]

@@ -41,7 +41,7 @@ def convert_command(ns: argparse.Namespace) -> int:
     config = validate_quant_args(ns)
     if config is None:
         raise QuantConfigError("convert needs --quant 4|8 (or --quant-format, or --quant-budget).")
-    if budget:
+    if budget and not ns.calibrate:  # with --calibrate, the plan is measured on the samples (below)
         plan = plan_checkpoint(ns.src, budget, config=config, imports=ns.imports)
         print(plan.summary())
         config = plan.to_config()
@@ -50,7 +50,7 @@ def convert_command(ns: argparse.Namespace) -> int:
         if ns.calibrate_samples is not None and ns.calibrate_samples <= 0:
             raise QuantConfigError(f"--calibrate-samples {ns.calibrate_samples} must be positive (e.g. 128).")
         calibration = Calibration(ns.calibrate, samples=ns.calibrate_samples, tokenizer=ns.tokenizer,
-                                  dry_run=ns.dry_run)
+                                  dry_run=ns.dry_run, budget=budget)
     elif ns.dry_run:
         raise QuantConfigError("--dry-run estimates a calibration: pass it with --calibrate FILE.")
     convert(ns.src, ns.dst, config, imports=ns.imports, overwrite=ns.overwrite, progress=not ns.quiet,

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
+from ..algorithms.planner import DEFAULT_CANDIDATES
 from ..engine.config import QuantConfig
 from ..errors import QuantConfigError
 from ..io.commit import check_destination, staged_folder
@@ -27,6 +28,7 @@ from .calibrate_blocks import (
     estimate_seconds,
     find_stacks,
     full_precision_skeleton,
+    plan_blocks,
 )
 from .calibration_data import DEFAULT_TOKENIZER, image_samples, load_tokenizer, read_calibration_file, text_samples
 from .convert_stream import Throughput, converted_stream, quantized_on_meta
@@ -39,14 +41,17 @@ log = logging.getLogger(__name__)
 class Calibration:
     """``--calibrate FILE``: GPTQ block by block on the file's samples (see :mod:`sat_quant.tools.calibrate_blocks`).
 
-    ``dry_run`` prints the time estimate and writes nothing; ``store_dtype`` None keeps the activations in the
-    model's dtype (the default for fp16/bf16 models), else e.g. bf16 for an fp32 one."""
+    ``dry_run`` prints the time estimate and writes nothing. With ``budget``, a first pass over the blocks scores
+    every layer's candidates on its own output (the calibrated planner, layer-local) and the knapsack picks the
+    formats; the second pass is the GPTQ calibration of that plan."""
 
     file: str
     samples: Optional[int] = 128
     tokenizer: str = DEFAULT_TOKENIZER
     dry_run: bool = False
     spill_bytes: int = DEFAULT_SPILL_BYTES
+    budget: Optional[str] = None  # --quant-budget: plan per layer on the samples first (planner.layer_costs)
+    candidates: Sequence[str] = DEFAULT_CANDIDATES
 
 
 def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[str]] = None,
@@ -62,9 +67,10 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
         fp = open_full_precision(src, "convert", imports)
         quantized = None
         if calibration is not None:
-            quantized = _calibrate(fp, config, calibration, progress)
-            if quantized is None:
+            calibrated = _calibrate(fp, config, calibration, progress)
+            if calibrated is None:
                 return dst  # a dry run: the estimate was printed, nothing written
+            quantized, config = calibrated
         model = quantized_on_meta(fp.args, fp.cls, config)
         source = ProgressSource(fp.source, enabled=progress)
         check_fits(model, source)  # every name, shape and dtype before anything is written
@@ -82,7 +88,8 @@ def convert(src: str, dst: str, config: QuantConfig, *, imports: Optional[List[s
 
 
 def _calibrate(fp, config: QuantConfig, calibration: Calibration, progress: bool):
-    """The calibrated layers' tensors, by name; None after a dry run (which prints the estimate)."""
+    """The calibrated layers' tensors by name and the config they follow (a budget's plan, or ``config``); None
+    after a dry run (which prints the estimate)."""
     kind, items = read_calibration_file(calibration.file, calibration.samples)
     vision_model = hasattr(fp.args, "image_length") and isinstance(getattr(fp.args, "eva_args", None), dict)
     if kind == "images" and not vision_model:
@@ -99,21 +106,28 @@ def _calibrate(fp, config: QuantConfig, calibration: Calibration, progress: bool
         tokenizer = load_tokenizer(calibration.tokenizer)
         samples = text_samples(items, tokenizer, int(fp.args.max_sequence_length), int(fp.args.vocab_size))
     tokens = sum(s["input_ids"].numel() for s in samples)
-    estimate = estimate_seconds(skeleton, config, tokens)
+    estimate = estimate_seconds(skeleton, config, tokens) * (2 if calibration.budget else 1)
     how_long = f"{estimate:.0f} s" if estimate < 90 else f"{estimate / 60:.0f} min"
     stacks = find_stacks(skeleton)
     blocks = " + ".join(f"{len(s.owner.transformer.layers)} ({s.name})" for s in reversed(stacks)) \
         if len(stacks) > 1 else str(len(skeleton.transformer.layers))
+    steps = "planning then calibration" if calibration.budget else "calibration"
     print(f"convert --calibrate: {len(samples)} samples, {tokens} tokens, {blocks} blocks: "
-          f"about {how_long} of calibration (a rough estimate from this CPU's matmul speed), then the conversion")
+          f"about {how_long} of {steps} (a rough estimate from this CPU's matmul speed), then the conversion")
     if calibration.dry_run:
         return None
     fp16 = getattr(fp.args, "fp16", False) or getattr(fp.args, "bf16", False)
-    result = calibrate_blocks(skeleton, fp.source, config, samples, progress=progress,
-                              store_dtype=None if fp16 else torch.bfloat16, spill_bytes=calibration.spill_bytes)
+    store_dtype = None if fp16 else torch.bfloat16
+    if calibration.budget:
+        plan = plan_blocks(skeleton, fp.source, config, samples, calibration.budget, candidates=calibration.candidates,
+                           store_dtype=store_dtype, spill_bytes=calibration.spill_bytes, progress=progress)
+        print(plan.summary())
+        config = plan.to_config()
+    result = calibrate_blocks(skeleton, fp.source, config, samples, progress=progress, store_dtype=store_dtype,
+                              spill_bytes=calibration.spill_bytes)
     log.info("calibration: %d layers in %.0f s (%d MB of activations spilled to disk)", len(result.neutral),
              result.seconds, result.spilled_bytes // 10**6)
-    return result.neutral
+    return result.neutral, config
 
 
 __all__ = ["convert", "Calibration"]

@@ -138,3 +138,42 @@ def test_calibrated_convert_holds_one_full_precision_block_at_a_time(tmp_path):
     assert rise <= quantized + max(blocks) + margin, report
     assert rise < 0.7 * sum(blocks), report
     assert "24 blocks" in result["out"], result["out"]
+
+
+def test_budget_with_calibrate_plans_on_the_samples_block_by_block(env, tmp_path, one_torch_thread, capsys):
+    """`--quant-budget 5.0bpp --calibrate FILE`: the calibrated planner (each layer scored on its own output from its
+    Hessian), one block at a time, then GPTQ of that plan. On a bf16 model (activations kept in bf16) the plan and
+    every tensor are bitwise the in-memory plan_quantization(sensitivity="layer") + quantize_calibrated_."""
+    torch.manual_seed(1)
+    args = sat_args("llama", bf16=True)
+    model = sat_get_model(args, SAT_MODELS["llama"][0]).bfloat16()
+    sat_quant.apply_cpu_compat(model)
+    src = save_fp_with_sat(model, args, tmp_path / "fp")
+    dst = str(tmp_path / "q")
+    status = main(["convert", src, dst, "--quant-budget", "5.0bpp", "--quant-group-size", "64", "--calibrate",
+                   env["text"], "--calibrate-samples", "4", "--tokenizer", env["tok"], "--quiet"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert "planning then calibration" in out.out, out.out
+    samples = text_samples(read_lines(env["text"], 4), load_tokenizer(env["tok"]), 64, 1000)
+
+    def run(m):
+        outputs = [m(**sample)[0] for sample in samples]
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])
+    model.eval()
+    plan = sat_quant.plan_quantization(model, "5.0bpp", run=run, sensitivity="layer",
+                                       config=QuantConfig(bits=4, group_size=64))
+    chosen = {name: value for name, value in plan.plan.items()}
+    assert len(set(chosen.values())) > 1, chosen  # a real mix, not one format everywhere
+    import json
+    with open(os.path.join(dst, "model_config.json")) as f:
+        saved = json.load(f)["quantization"]["layers"]
+    for name, value in chosen.items():
+        assert saved[name]["format"] == value.split(":")[0], (name, value, saved[name])
+    sat_quant.quantize_calibrated_(model, plan.to_config(), run)
+    ref = str(tmp_path / "ref")
+    sat_quant.save_checkpoint(model, ref, args=args)
+    got, want = layer_tensors(dst), layer_tensors(ref)
+    assert set(got) == set(want)
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
