@@ -47,13 +47,18 @@ CALIBRATED_CONFIGS = [
     ("int4 group 128 + GPTQ (calibrated)", dict(bits=4, format="int4", group_size=128)),
     ("int4c group 64 + GPTQ (calibrated)", dict(bits=4, format="int4c", group_size=64)),
 ]
-# (label, budget, sensitivity[, candidates]): sat_quant.algorithms.planner.quantize_to_budget_, default candidates
-# unless given; "output"/"layer" calibrate on data/calibration.txt, "weight" is data-free
+# (label, budget, sensitivity, candidates): sat_quant.algorithms.planner.quantize_to_budget_; "output"/"layer"
+# calibrate on data/calibration.txt, "weight" is data-free
+OLD_DEFAULTS = ("int4:128", "int4c:64", "int8")  # the default candidates before int4c:32 joined them
 PLANNER_RUNS = [
-    ("planner --quant-budget 4.3bpp (calibrated)", "4.3bpp", "output"),
-    ("planner --quant-budget 5.0bpp (calibrated)", "5.0bpp", "output"),
-    ("planner --quant-budget 5.0bpp (calibrated, layer-local sensitivity)", "5.0bpp", "layer"),
-    ("planner --quant-budget 5.0bpp (weight proxy, data-free)", "5.0bpp", "weight"),
+    ("planner --quant-budget 4.3bpp --candidates int4:128 int4c:64 int8 (calibrated)", "4.3bpp", "output",
+     OLD_DEFAULTS),
+    ("planner --quant-budget 5.0bpp --candidates int4:128 int4c:64 int8 (calibrated)", "5.0bpp", "output",
+     OLD_DEFAULTS),
+    ("planner --quant-budget 5.0bpp --candidates int4:128 int4c:64 int8 (calibrated, layer-local sensitivity)",
+     "5.0bpp", "layer", OLD_DEFAULTS),
+    ("planner --quant-budget 5.0bpp --candidates int4:128 int4c:64 int8 (weight proxy, data-free)", "5.0bpp",
+     "weight", OLD_DEFAULTS),
     ("planner --quant-budget 4.3bpp --candidates int4:128 int4c:64 int4c:32 (weight proxy, data-free)", "4.3bpp",
      "weight", ("int4:128", "int4c:64", "int4c:32")),
     ("planner --quant-budget 5.0bpp --candidates int4:128 int4c:64 int4c:32 int8 (calibrated)", "5.0bpp", "output",
@@ -267,7 +272,8 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
               "`int4c` stores group-64 scales as 8-bit codes under an fp16 row scale and 4-bit zero-points, "
               "and searches each group's range (data-free); \"calibrated\" rows run GPTQ with the 32 sentences "
               "of `benchmarks/data/calibration.txt` (none is in the evaluation set), one at a time. The planner "
-              "picks int4 g128 / int4c g64 / int8 per layer to fit the budget: calibrated, it measures each "
+              "picks per layer among its candidates (named in each row; the default is now int4 g128 / int4c "
+              "g64 / int4c g32 / int8) to fit the budget: calibrated, it measures each "
               "layer's effect on the model's output (one forward per layer and candidate) or, layer-local, on "
               "the layer's own output from the calibration Hessian (one forward in all: for big models); "
               "data-free, it ranks layers by weight reconstruction error (weaker). "

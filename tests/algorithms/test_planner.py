@@ -235,3 +235,11 @@ def test_cogvlm_plans_offline_like_in_memory(tmp_path):
     sat_quant.convert(str(tmp_path / "fp"), str(tmp_path / "q"), offline.to_config(), progress=False)
     loaded, _ = sat_quant.from_pretrained(None, str(tmp_path / "q"), args=tiny_cogvlm_args())
     assert _formats(loaded) == offline.plan
+
+
+def test_the_cli_default_candidates_are_the_planners():
+    """`sat-quant plan`'s parser stays torch-free, so it spells the default out: it must be the planner's."""
+    from sat_quant.algorithms.planner import DEFAULT_CANDIDATES
+    from sat_quant.tools.cli import build_parser
+    ns = build_parser().parse_args(["plan", "src", "--quant-budget", "5bpp", "-o", "plan.json"])
+    assert tuple(ns.candidates) == DEFAULT_CANDIDATES and "int4c:32" in DEFAULT_CANDIDATES
