@@ -59,6 +59,7 @@ from ..engine.config import QuantConfig
 from ..engine.formats import get_format
 from ..engine.replace import PlannedLayer, plan_layers, release_freed_memory, weight_to_meta_
 from ..errors import QuantConfigError
+from ..io.commit import remove_stale_temporaries
 from ..io.save import saved_tensors
 from ..sat.build import build_with_meta_linears
 from ..sat.compat import apply_cpu_compat
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 Sample = Dict[str, Any]
 Neutral = Dict[str, Dict[str, torch.Tensor]]
 DEFAULT_SPILL_BYTES = 2 * 2**30  # activations kept in memory; beyond that, in files
+SPILL_PREFIX = "sat-quant-activations-"  # + the writer's pid: a later run removes a killed run's folder
 
 
 def full_precision_skeleton(model_cls: type, args, source) -> nn.Module:
@@ -405,7 +407,8 @@ def _walk_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sa
     guards = _refuse_meta_calls([p for stack in stacks for block in stack.inside for p in block])
     _load_full_precision(outside, source)
     try:
-        with tempfile.TemporaryDirectory(prefix="sat-quant-activations-", dir=spill_dir) as folder:
+        remove_stale_temporaries(spill_dir or tempfile.gettempdir(), SPILL_PREFIX)  # a killed run's activations
+        with tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=spill_dir) as folder:
             done: Dict[str, Tuple[Stack, ActivationStore]] = {}
             while len(done) < len(stacks):
                 pending = [stack for stack in stacks if stack.prefix not in done]

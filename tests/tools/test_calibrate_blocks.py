@@ -92,3 +92,30 @@ def test_bf16_activations_stay_within_rounding_of_the_in_memory_result(llama_sou
         agree += (got.neutral[name]["qweight"] == tensors["qweight"]).sum().item()
         total += tensors["qweight"].numel()
     assert agree / total > 0.5, agree / total
+
+
+def test_a_killed_runs_spilled_activations_are_removed_by_the_next_run(llama_source, tmp_path):
+    """Activations spill to ``sat-quant-activations-<pid>-*``; kill -9 leaves the folder, and the next calibration
+    removes it when that pid is gone. A live writer's folder and anything else stay."""
+    import subprocess
+    import sys
+
+    from sat_quant.tools.calibrate_blocks import SPILL_PREFIX
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{SPILL_PREFIX}{int(gone.stdout)}-abc"
+    (dead / "0").mkdir(parents=True)
+    (dead / "0" / "3.pt").write_bytes(b"x" * 100)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = tmp_path / f"{SPILL_PREFIX}{live.pid}-def"
+        alive.mkdir()
+        mine = tmp_path / "sat-quant-activations-notes"
+        mine.mkdir()
+        src, samples = llama_source
+        spilled = streamed(src, samples, CONFIGS["int4"], spill_dir=str(tmp_path), spill_bytes=0)
+        assert spilled.spilled_bytes > 0
+        assert not dead.exists() and alive.exists() and mine.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, mine.name])  # its own: removed
+    finally:
+        live.kill()
+        live.wait()
