@@ -32,12 +32,11 @@ source for the calibration passes and dropped at the end (CogAgent-18B: ~0.9 GB,
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from sat.model.base_model import BaseModel
@@ -45,16 +44,6 @@ from torch import nn
 from tqdm import tqdm
 
 from ..algorithms.calibration import collect_hessians
-from ..algorithms.planner import (
-    DEFAULT_CANDIDATES,
-    LayerCosts,
-    QuantPlan,
-    finish_plan,
-    layer_costs,
-    parse_budget,
-    parse_candidates,
-    weight_costs,
-)
 from ..engine.config import QuantConfig
 from ..engine.formats import get_format
 from ..engine.replace import PlannedLayer, plan_layers, release_freed_memory, weight_to_meta_
@@ -345,52 +334,16 @@ def calibrate_blocks(model: nn.Module, source, config: QuantConfig, samples: Lis
             else:
                 result.neutral[name] = fmt.quantize(p.module.weight, p.spec)
 
-    _walk_blocks(model, source, config, samples, result, quantize,
+    walk_blocks(model, source, config, samples, result, quantize,
                  wants_hessian=lambda p: get_format(p.spec.format).calibratable, store_dtype=store_dtype,
                  spill_bytes=spill_bytes, spill_dir=spill_dir, progress=progress, on_block=on_block)
     return result
 
 
-@torch.no_grad()
-def plan_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sample], budget, *,
-                candidates: Sequence[str] = DEFAULT_CANDIDATES, store_dtype: Optional[torch.dtype] = torch.bfloat16,
-                spill_bytes: int = DEFAULT_SPILL_BYTES, spill_dir: Optional[str] = None,
-                progress: bool = True) -> QuantPlan:
-    """The calibrated planner (layer-local sensitivity) one block at a time: each planned layer inside a block is
-    scored on its own output from its calibration Hessian (``planner.layer_costs``, GPTQ for int4/int4c
-    candidates), the others with the weight proxy; then the knapsack. Bitwise ``plan_quantization(model, budget,
-    run=..., sensitivity="layer")`` on a model that fits in memory, with the same activations' dtype."""
-    budget, candidates = parse_budget(budget), parse_candidates(candidates)
-    base = config.validate()
-    costs: Dict[str, LayerCosts] = {}
-
-    def score(planned: List[PlannedLayer], hessians: Dict[str, torch.Tensor]) -> None:
-        for p in planned:
-            if p.spec is None:
-                continue
-            name = p.names[0]
-            hessian = hessians.pop(name, None)
-            costs[name] = (layer_costs(name, p.module.weight, hessian, candidates) if hessian is not None
-                           else weight_costs(name, p.module.weight, candidates))
-
-    result = BlockCalibration()
-    outside = _walk_blocks(model, source, base, samples, result, score, wants_hessian=lambda p: True,
-                           store_dtype=store_dtype, spill_bytes=spill_bytes, spill_dir=spill_dir, progress=progress,
-                           on_block=None, desc="planning")
-    planned = [p for p in plan_layers(model, base) if p.spec is not None]
-    for p in outside:
-        if p.spec is not None:
-            costs[p.names[0]] = weight_costs(p.names[0], source.get(p.names[0] + ".weight"), candidates,
-                                             p.module.weight.dtype)
-    weights = {p.names[0] + ".weight" for p in planned}
-    fixed = sum(math.prod(shape) * dtype.itemsize for name, (shape, dtype) in source.layout().items()
-                if name not in weights)
-    return finish_plan([costs[p.names[0]] for p in planned], budget, fixed, "layer", base)
-
-
-def _walk_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sample], result: BlockCalibration,
-                 consume: Consume, *, wants_hessian: Callable[[PlannedLayer], bool], store_dtype, spill_bytes,
-                 spill_dir, progress, on_block, desc: str = "calibrating") -> List[PlannedLayer]:
+def walk_blocks(model: nn.Module, source, config: QuantConfig, samples: List[Sample], result: BlockCalibration,
+                consume: Consume, *, wants_hessian: Callable[[PlannedLayer], bool], store_dtype: Optional[torch.dtype],
+                spill_bytes: int, spill_dir: Optional[str], progress: bool,
+                on_block: Optional[Callable[[int], None]], desc: str = "calibrating") -> List[PlannedLayer]:
     """Every stack's blocks in forward order, each block's weights loaded and its Hessians collected for the layers
     ``wants_hessian`` picks, then ``consume(block's planned layers, hessians)``. Returns the layers outside."""
     config.validate()
@@ -486,4 +439,4 @@ def estimate_seconds(model: nn.Module, config: QuantConfig, tokens: int) -> floa
 
 
 __all__ = ["estimate_seconds", "full_precision_skeleton", "capture_first_block_inputs", "run_block", "calibrate_blocks",
-           "plan_blocks", "find_stacks", "Stack", "ActivationStore", "BlockCalibration", "DEFAULT_SPILL_BYTES"]
+           "walk_blocks", "find_stacks", "Stack", "ActivationStore", "BlockCalibration", "DEFAULT_SPILL_BYTES"]

@@ -28,10 +28,10 @@ from .calibrate_blocks import (
     estimate_seconds,
     find_stacks,
     full_precision_skeleton,
-    plan_blocks,
 )
 from .calibration_data import DEFAULT_TOKENIZER, image_samples, load_tokenizer, read_calibration_file, text_samples
 from .convert_stream import Throughput, converted_stream, quantized_on_meta
+from .plan_blocks import plan_blocks
 from .sources import ProgressSource, open_full_precision
 
 log = logging.getLogger(__name__)
