@@ -87,7 +87,7 @@ def _generate(model_obj, inputs: Dict[str, Any], new_tokens: int) -> Dict[str, f
     from sat.generation.autoregressive_sampling import filling_sequence
     from sat.generation.sampling_strategies import BaseStrategy
 
-    from sat_quant import KVCacheMixin
+    from sat_quant import KVCacheMixin, cache_cross_image
 
     class TimedGreedy(BaseStrategy):
         def __init__(self) -> None:
@@ -109,6 +109,7 @@ def _generate(model_obj, inputs: Dict[str, Any], new_tokens: int) -> Dict[str, f
     counter = WeightBytesRead()
     cache = KVCacheMixin()
     model_obj.add_mixin("auto-regressive", cache)
+    cache_cross_image(model_obj)  # CogAgent: its cross image encoded once, not once per token as upstream does
     rss_before = _rss_gib()
     _reset_peak()
     start = time.perf_counter()

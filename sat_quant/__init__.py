@@ -49,6 +49,7 @@ _LAZY = {
     "quant_report": "engine.report", "QuantReport": "engine.report", "QuantLinear": "engine.layers",
     "oom_guidance": "oom", "QuantOutOfMemoryError": "oom",
     "apply_cpu_compat": "sat.compat", "install_xformers_cpu_fallback": "sat.compat", "KVCacheMixin": "sat.kv_cache",
+    "cache_cross_image": "sat.generation",
 }
 
 

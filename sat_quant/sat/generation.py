@@ -5,12 +5,15 @@ its first step and keeps only ``logits[:, -1]``; the LM head still produces ``se
 ~1,290 x 32,000). :class:`LastPositionLogitsMixin` feeds the head the last position only, which gives the same
 sampled logits (the head is applied per position) and removes that peak. :func:`last_position_logits` adds
 it for the duration of a block. Used by the patched ``evaluate_cogvlm_demo.py``.
+
+:func:`cache_cross_image` keeps CogAgent from re-encoding its cross image for every generated token.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 from sat.model.base_model import BaseMixin, non_conflict
 from torch import nn
 
@@ -40,3 +43,46 @@ def last_position_logits(model: nn.Module) -> Iterator[None]:
     finally:
         if added and MIXIN_NAME in model.mixins:
             model.del_mixin(MIXIN_NAME)
+
+
+class _CrossImageMemo:
+    """The last call's inputs and outputs of a cross-image encoder: a call with the very same tensors (same objects,
+    storage and version) under ``torch.no_grad`` returns the kept outputs instead of encoding again."""
+
+    def __init__(self, forward) -> None:
+        self.forward, self.key, self.kept, self.output, self.calls = forward, None, None, None, 0
+
+    @staticmethod
+    def _key(args, kwargs):
+        items = list(enumerate(args)) + sorted(kwargs.items())
+        return tuple((name, id(v), v.data_ptr(), v._version, tuple(v.shape)) if isinstance(v, torch.Tensor)
+                     else (name, v) for name, v in items)
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        key = self._key(args, kwargs)
+        if key != self.key:
+            self.calls += 1
+            self.output = self.forward(*args, **kwargs)
+            # the inputs are kept alive with the key, so no other tensor can take their id and storage
+            self.key, self.kept = key, (args, kwargs)
+        return self.output
+
+
+def cache_cross_image(model: nn.Module) -> bool:
+    """CogAgent encodes its high-resolution cross image once per generation instead of once per token.
+
+    ``CogAgentModel.forward`` runs its cross-image tower (EVA2-CLIP-L at 1120x1120: 6,400 patches) unless it is given
+    ``mems_cross``, which SAT's ``filling_sequence`` never passes (it passes the per-layer outputs back as
+    ``encoder_outputs``, which that forward overwrites): every generated token re-encodes the same image. This wraps
+    the model's ``encoder`` mixin so that, without gradients, the same input tensors return the last outputs.
+    Returns False for a model without an ``encoder`` mixin. Tokens are unchanged (``tests/sat/test_generation.py``).
+    """
+    mixins = getattr(model, "mixins", None)
+    if mixins is None or "encoder" not in mixins:
+        return False
+    encoder = mixins["encoder"]
+    if not isinstance(encoder.__dict__.get("forward"), _CrossImageMemo):
+        encoder.forward = _CrossImageMemo(encoder.forward)
+    return True

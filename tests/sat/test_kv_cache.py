@@ -200,3 +200,35 @@ def test_cogagent_cross_attention_matches_sat():
         results.append(_generate(model, cache, prompt, positions=positions, **inputs))
     assert torch.equal(results[0][0], results[1][0])
     _assert_same_steps(results[1][1], results[0][1], atol=1e-5)
+
+
+@needs_cogvlm
+def test_cogagent_encodes_its_cross_image_once_per_generation():
+    """Upstream CogAgent re-runs its cross-image tower for every generated token; cache_cross_image runs it once,
+    with the same logits at every step."""
+    from tests.cogagent_fixture import build_tiny_cogagent, tiny_cogagent_inputs
+    model, _ = build_tiny_cogagent(torch.float32)
+    runs = []
+    model.mixins["encoder"].vit.register_forward_hook(lambda *a: runs.append(1))
+
+    def generate():
+        inputs = tiny_cogagent_inputs()
+        prompt, positions = inputs.pop("input_ids")[0], inputs.pop("position_ids")[0]
+        inputs.pop("attention_mask")
+        runs.clear()
+        return _generate(model, KVCacheMixin(), prompt, positions=positions, **inputs), len(runs)
+
+    (tokens, plain), plain_runs = generate()
+    assert plain_runs == NEW_TOKENS  # upstream: once per forward, the prompt's and every new token's
+    assert sat_quant.cache_cross_image(model) and sat_quant.cache_cross_image(model)  # twice: wrapped once
+    (cached_tokens, cached), cached_runs = generate()
+    assert cached_runs == 1
+    assert torch.equal(cached_tokens, tokens)
+    _assert_same_steps(cached, plain, atol=0.0)
+    with torch.enable_grad():  # with gradients (training) nothing is reused
+        inputs = tiny_cogagent_inputs()
+        runs.clear()
+        model(**inputs)
+        model(**inputs)
+    assert len(runs) == 2
+    assert not sat_quant.cache_cross_image(torch.nn.Linear(2, 2))
