@@ -174,32 +174,31 @@ def test_bf16_model_float32_cache_on_cpu_matches_sat(int4_llama):
 needs_cogvlm = pytest.mark.skipif(not cogvlm_available(), reason="needs the CogVLM snapshot (../shared/cogvlm)")
 
 
+def _generate_prompt(model, cache, inputs: Dict[str, Any]):
+    """Generation from a full model input (CogVLM's layout): its ids and positions become the prompt."""
+    inputs = dict(inputs)
+    prompt, positions = inputs.pop("input_ids")[0], inputs.pop("position_ids")[0]
+    inputs.pop("attention_mask")
+    return _generate(model, cache, prompt, positions=positions, **inputs)
+
+
+def _matches_sat(model, make_inputs) -> None:
+    sats_tokens, sats = _generate_prompt(model, CachedAutoregressiveMixin(), make_inputs())
+    ours_tokens, ours = _generate_prompt(model, KVCacheMixin(), make_inputs())
+    assert torch.equal(ours_tokens, sats_tokens)
+    _assert_same_steps(ours, sats, atol=1e-5)
+
+
 @needs_cogvlm
 def test_cogvlm_image_prompt_matches_sat():
     from tests.cogvlm_fixture import build_tiny_cogvlm, tiny_cogvlm_inputs
-    model, _ = build_tiny_cogvlm(torch.float32)
-    results = []
-    for cache in (CachedAutoregressiveMixin(), KVCacheMixin()):
-        inputs = tiny_cogvlm_inputs(seq_len=270)
-        prompt, positions = inputs.pop("input_ids")[0], inputs.pop("position_ids")[0]
-        inputs.pop("attention_mask")
-        results.append(_generate(model, cache, prompt, positions=positions, **inputs))
-    assert torch.equal(results[0][0], results[1][0])
-    _assert_same_steps(results[1][1], results[0][1], atol=1e-5)
+    _matches_sat(build_tiny_cogvlm(torch.float32)[0], lambda: tiny_cogvlm_inputs(seq_len=270))
 
 
 @needs_cogvlm
 def test_cogagent_cross_attention_matches_sat():
     from tests.cogagent_fixture import build_tiny_cogagent, tiny_cogagent_inputs
-    model, _ = build_tiny_cogagent(torch.float32)
-    results = []
-    for cache in (CachedAutoregressiveMixin(), KVCacheMixin()):
-        inputs = tiny_cogagent_inputs()
-        prompt, positions = inputs.pop("input_ids")[0], inputs.pop("position_ids")[0]
-        inputs.pop("attention_mask")
-        results.append(_generate(model, cache, prompt, positions=positions, **inputs))
-    assert torch.equal(results[0][0], results[1][0])
-    _assert_same_steps(results[1][1], results[0][1], atol=1e-5)
+    _matches_sat(build_tiny_cogagent(torch.float32)[0], tiny_cogagent_inputs)
 
 
 @needs_cogvlm
@@ -212,11 +211,8 @@ def test_cogagent_encodes_its_cross_image_once_per_generation():
     model.mixins["encoder"].vit.register_forward_hook(lambda *a: runs.append(1))
 
     def generate():
-        inputs = tiny_cogagent_inputs()
-        prompt, positions = inputs.pop("input_ids")[0], inputs.pop("position_ids")[0]
-        inputs.pop("attention_mask")
         runs.clear()
-        return _generate(model, KVCacheMixin(), prompt, positions=positions, **inputs), len(runs)
+        return _generate_prompt(model, KVCacheMixin(), tiny_cogagent_inputs()), len(runs)
 
     (tokens, plain), plain_runs = generate()
     assert plain_runs == NEW_TOKENS  # upstream: once per forward, the prompt's and every new token's

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from typing import Tuple
 
 import pytest
 import torch
@@ -74,25 +75,35 @@ def _check_against_reference(got, reference, plain, outside_prefix: str):
     assert set(got) == set(plain)
 
 
+def _env(root, build, image_size: int):
+    """A bf16 tiny model saved by SAT, a tokenizer and three image prompts under ``root``."""
+    model, args = build(torch.bfloat16)
+    src = save_fp_with_sat(model, args, root / "fp")
+    return dict(root=root, model=model, args=args, src=src, tok=make_tokenizer(str(root / "tok")),
+                jsonl=_prompts(root, image_size))
+
+
+def _cli_calibrate(env, module: str, capsys) -> Tuple[str, str, str]:
+    """``sat-quant convert --calibrate`` into q-cal, and a plain RTN convert into q-rtn: (q-cal, q-rtn, stdout)."""
+    dst, plain = str(env["root"] / "q-cal"), str(env["root"] / "q-rtn")
+    status = main(["convert", env["src"], dst, "--quant", "4", "--quant-group-size", "64", "--calibrate",
+                   env["jsonl"], "--tokenizer", env["tok"], "--import", module, "--quiet"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    sat_quant.convert(env["src"], plain, CONFIG, progress=False)
+    return dst, plain, out.out
+
+
 @pytest.fixture(scope="module")
 def cogvlm(tmp_path_factory):
     from tests.cogvlm_fixture import build_tiny_cogvlm
-    root = tmp_path_factory.mktemp("cogvlm-images")
-    model, args = build_tiny_cogvlm(torch.bfloat16)
-    src = save_fp_with_sat(model, args, root / "fp")
-    return dict(root=root, model=model, args=args, src=src, tok=make_tokenizer(str(root / "tok")),
-                jsonl=_prompts(root, 224))
+    return _env(tmp_path_factory.mktemp("cogvlm-images"), build_tiny_cogvlm, 224)
 
 
 def test_cogvlm_image_calibration_from_the_cli_matches_the_in_memory_path(cogvlm, one_torch_thread, capsys):
     root = cogvlm["root"]
-    dst, plain = str(root / "q-cal"), str(root / "q-rtn")
-    status = main(["convert", cogvlm["src"], dst, "--quant", "4", "--quant-group-size", "64", "--calibrate",
-                   cogvlm["jsonl"], "--tokenizer", cogvlm["tok"], "--import", "utils.models", "--quiet"])
-    out = capsys.readouterr()
-    assert status == 0, out.err
-    assert "3 samples" in out.out and "2 (mixins.eva.vit_model) + 2 (the model) blocks" in out.out, out.out
-    sat_quant.convert(cogvlm["src"], plain, CONFIG, progress=False)
+    dst, plain, out = _cli_calibrate(cogvlm, "utils.models", capsys)
+    assert "3 samples" in out and "2 (mixins.eva.vit_model) + 2 (the model) blocks" in out, out
     reference = _in_memory_reference(cogvlm["model"], cogvlm["args"], cogvlm["jsonl"], cogvlm["tok"],
                                      str(root / "q-mem"))
     _check_against_reference(_tensors(dst), reference, _tensors(plain), "mixins.eva.linear_proj.")
@@ -124,21 +135,12 @@ def test_samples_are_what_cogvlms_chat_prepares(cogvlm):
 @pytest.fixture(scope="module")
 def cogagent(tmp_path_factory):
     from tests.cogagent_fixture import build_tiny_cogagent
-    root = tmp_path_factory.mktemp("cogagent-images")
-    model, args = build_tiny_cogagent(torch.bfloat16)
-    src = save_fp_with_sat(model, args, root / "fp")
-    return dict(root=root, model=model, args=args, src=src, tok=make_tokenizer(str(root / "tok")),
-                jsonl=_prompts(root, 112))
+    return _env(tmp_path_factory.mktemp("cogagent-images"), build_tiny_cogagent, 112)
 
 
 def test_cogagent_image_calibration_matches_the_in_memory_path(cogagent, one_torch_thread, capsys):
     root = cogagent["root"]
-    dst, plain = str(root / "q-cal"), str(root / "q-rtn")
-    status = main(["convert", cogagent["src"], dst, "--quant", "4", "--quant-group-size", "64", "--calibrate",
-                   cogagent["jsonl"], "--tokenizer", cogagent["tok"], "--import", "tests.cogagent_fixture", "--quiet"])
-    out = capsys.readouterr()
-    assert status == 0, out.err
-    sat_quant.convert(cogagent["src"], plain, CONFIG, progress=False)
+    dst, plain, _ = _cli_calibrate(cogagent, "tests.cogagent_fixture", capsys)
     # in memory, the cross-image tower (which reads .weight into F.linear: no hook sees it) stays full precision,
     # as it is while the block path calibrates; everything else is the in-memory GPTQ
     skip_cross = QuantConfig(bits=4, group_size=64, skip=("mixins.encoder.*",))
