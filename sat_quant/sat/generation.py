@@ -77,7 +77,7 @@ def cache_cross_image(model: nn.Module) -> bool:
     ``mems_cross``, which SAT's ``filling_sequence`` never passes (it passes the per-layer outputs back as
     ``encoder_outputs``, which that forward overwrites): every generated token re-encodes the same image. This wraps
     the model's ``encoder`` mixin so that, without gradients, the same input tensors return the last outputs.
-    Returns False for a model without an ``encoder`` mixin. Tokens are unchanged (``tests/sat/test_generation.py``).
+    Returns False for a model without an ``encoder`` mixin. Same logits (``tests/sat/test_kv_cache.py``).
     """
     mixins = getattr(model, "mixins", None)
     if mixins is None or "encoder" not in mixins:
