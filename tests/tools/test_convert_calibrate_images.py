@@ -203,3 +203,31 @@ def test_bad_image_prompts_are_one_line_with_status_2(cogvlm, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and needle in err[0], err
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_budget_plan_on_image_prompts_scores_every_layer_on_one_scale(cogvlm, one_torch_thread, tmp_path, capsys):
+    """`--quant-budget 4.5bpp --calibrate prompts.jsonl` on CogVLM: layers in the blocks are scored on their own
+    output, the GLU adapter (outside, no Hessian) on its relative weight error: the same 0..1 scale, so the knapsack
+    can trade them. The checkpoint follows the plan."""
+    from sat_quant.tools.calibrate_blocks import full_precision_skeleton
+    from sat_quant.tools.plan_blocks import plan_blocks
+    from sat_quant.tools.sources import open_full_precision
+    fp = open_full_precision(cogvlm["src"], "convert", ["utils.models"])
+    samples = image_samples(read_calibration_file(cogvlm["jsonl"], 2)[1], cogvlm["args"], cogvlm["tok"],
+                            torch.bfloat16)
+    plan = plan_blocks(full_precision_skeleton(fp.cls, fp.args, fp.source), fp.source, QuantConfig(bits=4), samples,
+                       "4.5bpp", store_dtype=None, progress=False)
+    adapter = [layer for layer in plan.layers if layer.name.startswith("mixins.eva.linear_proj.")]
+    assert adapter and any(layer.name.startswith(VISION) for layer in plan.layers)
+    for layer in plan.layers:
+        assert all(0.0 <= option.error < 1.0 for option in layer.options), layer
+    assert plan.bits_per_param <= 4.5 and len(set(plan.plan.values())) > 1
+    dst = str(tmp_path / "q")
+    status = main(["convert", cogvlm["src"], dst, "--quant-budget", "4.5bpp", "--calibrate", cogvlm["jsonl"],
+                   "--calibrate-samples", "2", "--tokenizer", cogvlm["tok"], "--import", "utils.models", "--quiet"])
+    out = capsys.readouterr()
+    assert status == 0 and "planning then calibration" in out.out, out.err
+    with open(os.path.join(dst, "model_config.json")) as f:
+        layers = json.load(f)["quantization"]["layers"]
+    for name, value in plan.plan.items():
+        assert layers[name]["format"] == value.split(":")[0], name
