@@ -127,11 +127,7 @@ class BlockCalibration:
 
 
 class _Reached(Exception):
-    """Raised by a capturing hook: the forward reached the first block of ``stack``; nothing past it is computed."""
-
-    def __init__(self, stack: "Stack") -> None:
-        super().__init__(stack.name)
-        self.stack = stack
+    """Raised by a capturing hook: the forward reached a stack's first block; nothing past it is computed."""
 
 
 @dataclass
@@ -202,7 +198,7 @@ def capture_first_block_inputs(model: nn.Module, samples: Iterable[Sample], stor
             reached[:] = [target]
             store.put(len(captured), hidden)
             captured.append({"mask": mask, "kwargs": kwargs})
-            raise _Reached(target)
+            raise _Reached
         return hook
 
     def replayed(kept: ActivationStore):
