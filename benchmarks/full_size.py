@@ -196,7 +196,8 @@ def probe_load_run(model: str, path: str, new_tokens: int, tiny: bool) -> Dict[s
     _reset_peak()
     start = time.perf_counter()
     loaded, loaded_args = sat_quant.from_pretrained(cls, path, args)
-    result = {"load_s": time.perf_counter() - start, "load_peak_gib": _peak_gib(), "load_imports_rss_gib": imports}
+    result = {"load_s": time.perf_counter() - start, "load_peak_gib": _peak_gib(), "load_imports_rss_gib": imports,
+              "load_mb_s": loaded.quant_load_times.mb_per_s()}
     apply_cpu_compat(loaded)
     install_xformers_cpu_fallback()
     prompt = _prompt(model, loaded_args)
@@ -302,11 +303,22 @@ def _mem_total_gib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("MemTotal")) * 1024 / GIB
 
 
+def _cpu_description() -> str:
+    """The CPU's model name, core count and the vector extensions the kernels care about."""
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    vector = "AVX-512 with BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else \
+        "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {vector}"
+
+
 def _section(rows, bandwidth: float, tiny: bool, new_tokens: int, kernel: float, reference: Dict[str, Any]) -> str:
     shape = "the tests' tiny real models (smoke run)" if tiny else "public shapes (configs/cogvlm-chat-17b.json, " \
                                                                   "configs/cogagent-chat-18b.json)"
     lines = [f"## Full size: CogVLM and CogAgent, {shape}", "",
-             f"Random weights (seed 0), `--bf16`, CPU. Memory bandwidth (STREAM-like copy, same run): "
+             f"Random weights (seed 0), `--bf16`, CPU ({_cpu_description()}). Memory bandwidth (STREAM-like copy, same run): "
              f"{bandwidth:.1f} GB/s. Decode ratio = tokens/s x weight bytes read per token / bandwidth "
              f"(target >= 0.6 at 4 bits); bytes read per token are counted, not assumed: the weights of every module "
              f"that ran in one decode step (CogVLM's visual expert and vision tower do not run for a text token). "
@@ -324,6 +336,9 @@ def _section(rows, bandwidth: float, tiny: bool, new_tokens: int, kernel: float,
              "| model | format | imports GiB | build peak - imports GiB | build / weights | save peak - before GiB "
              "| load imports GiB | load peak - imports GiB | load / weights |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    phases = ["", "Load phases in the fresh process (they overlap: sha256 runs in a thread while tensors are read): "
+              "reading tensors out of the file, verifying it, repacking the neutral layout into the kernels' own:", "",
+              "| model | format | load s | read MB/s | verify MB/s | repack MB/s |", "|---|---|---:|---:|---:|---:|"]
     memory = ["", "Memory while generating: RSS when generation starts (weights and the loaded model), its peak, and "
               "the growth against `sat-quant estimate`'s KV cache and peak activations for the same tokens:", "",
               "| model | format | RSS at start GiB | peak GiB | growth MiB | KV cache held MiB | estimate KV MiB "
@@ -343,13 +358,17 @@ def _section(rows, bandwidth: float, tiny: bool, new_tokens: int, kernel: float,
         steps.append(f"| {model} | {fmt} | {b['imports_rss_gib']:.2f} | {build_net:.2f} | "
                      f"{build_net / b['weights_gib']:.2f} | {b['save_peak_gib'] - b['rss_before_save_gib']:.2f} | "
                      f"{r['load_imports_rss_gib']:.2f} | {load_net:.2f} | {load_net / b['weights_gib']:.2f} |")
+        rates = r.get("load_mb_s", {})
+        phases.append(f"| {model} | {fmt} | {r['load_s']:.1f} | "
+                      + " | ".join(f"{rates[p]:.0f}" if rates.get(p) else "-" for p in ("read", "verify", "repack"))
+                      + " |")
         memory.append(f"| {model} | {fmt} | {r['rss_before_generate_gib']:.2f} | {r['generate_peak_gib']:.2f} | "
                       f"{(r['generate_peak_gib'] - r['rss_before_generate_gib']) * 1024:.1f} | "
                       f"{r['kv_cache_gib'] * 1024:.1f} | {r['estimate_kv_gib'] * 1024:.1f} | "
                       f"{r['estimate_activations_gib'] * 1024:.1f} |")
     memory.append("")
     memory.append("KV cache held: the in-place cache's allocated capacity (float32 on a CPU without native bf16, "
-                  "where attention over it is faster; the estimate prices bf16).")
+                  "where attention over it is faster, else bf16; the estimate prices bf16).")
     name = "2-layer LLaMA (tiny)" if tiny else "120M LLaMA-style model"
     if "error" in reference:
         llama = ["", f"{name} (benchmarks/e2e.py), int4: {reference['error']}"]
@@ -358,7 +377,7 @@ def _section(rows, bandwidth: float, tiny: bool, new_tokens: int, kernel: float,
         llama = ["", f"{name} (benchmarks/e2e.py's, int4, bf16, same decode path): "
                      f"{reference['decode_tok_s']:.1f} tokens/s x {reference['decode_bytes_per_token'] / 2**20:.1f} "
                      f"MiB read per token = {ratio:.2f} of the bandwidth."]
-    return "\n".join(lines + steps + memory + llama) + "\n"
+    return "\n".join(lines + steps + phases + memory + llama) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -15,9 +15,9 @@ def _bench(*argv):
 
 
 def _rows(stdout, table=0):
-    """The cells after (model, format) of each model's row in the main table (0), the steps' memory table (1) or
-    the generation memory table (2)."""
-    part = re.split(r"\n(?=Each step's peak|Memory while generating)", stdout)[table]
+    """The cells after (model, format) of each model's row in the main table (0), the steps' memory table (1), the
+    load phases (2) or the generation memory table (3)."""
+    part = re.split(r"\n(?=Each step's peak|Load phases|Memory while generating)", stdout)[table]
     return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
             for line in part.splitlines() if line.startswith("| cog")}
 
@@ -41,7 +41,11 @@ def test_every_step_fills_its_row_and_the_work_folder_is_left_clean(tmp_path):
         imports, build_net, build_ratio, save_growth, load_imports, load_net, load_ratio = map(float, cells)
         assert imports > 0.3 and load_imports > 0.3, (model, cells)  # torch + SAT + deepspeed alone
         assert build_net > 0 and load_net > 0 and save_growth >= 0 and build_ratio > 0 and load_ratio > 0, (model, cells)
-    memory = _rows(result.stdout, 2)
+    phases = _rows(result.stdout, 2)
+    assert set(phases) == {"cogvlm", "cogagent"}
+    for model, cells in phases.items():  # load s, then read / verify / repack MB/s: each phase ran and was timed
+        assert len(cells) == 4 and all(float(c) > 0 for c in cells), (model, cells)
+    memory = _rows(result.stdout, 3)
     assert set(memory) == {"cogvlm", "cogagent"}
     for model, (start, peak, growth, held, kv, activations) in memory.items():
         assert float(peak) >= float(start) > 0 and float(kv) > 0 and float(activations) > 0, (model, memory)

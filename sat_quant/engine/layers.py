@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .backends import Backend, select_backend
 from .formats import LayerSpec, get_format
@@ -73,8 +74,19 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dequantized weight, for code that reads ``.weight`` directly (slow: prefer calling the layer)."""
-        return self.fmt.dequantize(self.neutral_tensors(), self.spec, dtype=self.compute_dtype)
+        """The dequantized weight, for code that reads ``.weight`` directly (it costs a dequantize per read).
+
+        It behaves as a plain tensor except in ``F.linear(x, layer.weight, b)``, which runs this layer's kernel:
+        some model code does exactly that (CogAgent's EVA2-CLIP cross tower), and a dense bf16 GEMM there is
+        several times slower than the kernel on CPUs without native bf16. See :class:`KernelRoutedWeight`.
+        """
+        routed = self.dequantized_weight().as_subclass(KernelRoutedWeight)
+        routed.layer = self
+        return routed
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A plain float copy of the weight, ``[out, in]``, in ``dtype`` (default: the model's float dtype)."""
+        return self.fmt.dequantize(self.neutral_tensors(), self.spec, dtype=dtype or self.compute_dtype)
 
     def quantized_nbytes(self) -> int:
         return self.fmt.nbytes(self.spec)
@@ -133,6 +145,47 @@ class QuantLinear(nn.Module):
         group = f", group={self.spec.group_size}" if self.spec.group_size else ""
         return (f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}{group}, "
                 f"backend={self.backend.name}, bias={self.bias is not None}")
+
+
+class KernelRoutedWeight(torch.Tensor):
+    """What ``QuantLinear.weight`` returns: the dequantized values, a plain tensor to every op but ``F.linear``.
+
+    ``F.linear(x, w, b)`` with ``w`` one of these runs ``w.layer``'s kernel on ``x`` and adds ``b``: the same
+    product, through the quantized path (prefill tiles, int4 kernel) instead of a dense GEMM on a dequantized copy.
+    Every other op sees the plain tensor (results are plain tensors, never this class).
+    """
+    layer: "QuantLinear"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            routed = _kernel_linear(*args, **kwargs)
+            if routed is not None:
+                return routed
+        return func(*_plain(args), **_plain(kwargs))
+
+
+def _plain(value):
+    """``value`` with every KernelRoutedWeight in it (nested in tuples, lists, dicts) viewed as a plain tensor."""
+    if isinstance(value, KernelRoutedWeight):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _kernel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+                   ) -> Optional[torch.Tensor]:
+    """``F.linear`` through the layer behind a KernelRoutedWeight ``weight``; None where that does not apply (the
+    routed tensor is the input or the bias, or the input's width does not match: F.linear then says what is wrong)."""
+    if (not isinstance(weight, KernelRoutedWeight) or isinstance(input, KernelRoutedWeight)
+            or isinstance(bias, KernelRoutedWeight) or input.shape[-1:] != (weight.layer.in_features,)):
+        return None
+    y = weight.layer._linear(input)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 class _QuantMatmul(torch.autograd.Function):

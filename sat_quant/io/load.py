@@ -7,6 +7,7 @@ returned to the caller (the sat layer drops the model).
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -17,7 +18,7 @@ from ..engine.lora import LoraQuantLinear
 from ..engine.replace import release_freed_memory
 from ..errors import CheckpointError
 from .save import expected_layout, saved_tensors
-from .tensorfile import TensorSource
+from .tensorfile import LoadTimes, TensorSource
 
 _MAIN_LAYER = re.compile(r"transformer\.layers\.(\d+)\.")  # the main transformer's blocks, not a tower's
 
@@ -130,6 +131,10 @@ class PlainBaseNames:
     def get(self, name: str, **kwargs) -> torch.Tensor:
         return self.source.get(self.renames.get(name, name), **kwargs)
 
+    @property
+    def times(self) -> LoadTimes:
+        return self.source.times
+
     def finish(self) -> None:
         self.source.finish()
 
@@ -149,21 +154,31 @@ def with_adapter_base_names(model: nn.Module, source):
 
 
 def fill(model: nn.Module, source: TensorSource) -> None:
-    """Copy every tensor of ``model`` from ``source`` (already checked by ``check_fits``), one module at a time."""
+    """Copy every tensor of ``model`` from ``source`` (already checked by ``check_fits``), one module at a time.
+    The time spent repacking quantized layers into their kernels' layout is added to ``source.times``."""
     have = source.layout()
+    times = source.times
     with torch.no_grad():
         for prefix, module in model.named_modules():  # each module once, even where it is shared
             pre = prefix + "." if prefix else ""
             if isinstance(module, QuantLinear):  # neutral_tensors() is not needed here (it would unpack int4)
                 names = list(module.fmt.layout(module.spec))
                 if all(pre + n in have for n in names):
-                    module.load_neutral_({n: source.get(pre + n) for n in names})
+                    neutral = {n: source.get(pre + n) for n in names}
+                    start = time.perf_counter()
+                    module.load_neutral_(neutral)
+                    times.repack_s += time.perf_counter() - start
+                    times.repack_bytes += module.quantized_nbytes()
+                    del neutral
                 else:
                     module.quantize_weight_(source.get(pre + "weight"))
                 release_freed_memory(4 * module.quantized_nbytes())  # replaced tensors + repack temporaries
             for n, t in saved_tensors(module):
                 if pre + n in have:  # check_fits let through only the ones marked may_be_new
+                    start = time.perf_counter()  # a view of the file's map: the copy is the read
                     t.copy_(source.get(pre + n, owned=False))
+                    times.read_s += time.perf_counter() - start
+                    times.read_bytes += t.numel() * t.element_size()
     release_freed_memory()
 
 

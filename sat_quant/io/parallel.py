@@ -20,7 +20,7 @@ from ..engine.lora import LoraQuantLinear
 from ..errors import CheckpointError
 from .layout import model_parallel_rank
 from .manifest import open_rank_source
-from .tensorfile import TensorSource
+from .tensorfile import LoadTimes, TensorSource
 
 Stride = Union[int, Sequence[int]]
 Kind = Tuple[str, Stride]  # ("column" | "row" | "vocab", stride)
@@ -155,6 +155,14 @@ class ReshardedSource:
     def finish(self) -> None:
         for source in self.sources:
             source.finish()
+
+    @property
+    def times(self) -> LoadTimes:
+        """Every shard's times, summed."""
+        total = LoadTimes()
+        for source in self.sources:
+            total.add(source.times)
+        return total
 
     def get(self, name: str, **kwargs) -> torch.Tensor:
         kind = self.kinds.get(name)

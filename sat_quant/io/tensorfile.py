@@ -14,7 +14,9 @@ import json
 import math
 import os
 import struct
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -101,11 +103,39 @@ def write_tensor_file(path: str, tensors: Union[Dict[str, torch.Tensor], TensorS
     return digest.hexdigest()
 
 
+@dataclass
+class LoadTimes:
+    """Where a load spent its time, per phase (the phases overlap: verification runs in a thread beside reading):
+    reading tensors out of the file, hashing it, and repacking the neutral layout into the kernels' layout."""
+    read_bytes: int = 0
+    read_s: float = 0.0
+    verify_bytes: int = 0
+    verify_s: float = 0.0
+    repack_bytes: int = 0
+    repack_s: float = 0.0
+
+    def add(self, other: "LoadTimes") -> "LoadTimes":
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def mb_per_s(self) -> Dict[str, Optional[float]]:
+        """MB/s (10^6 bytes) of each phase; None for a phase that did not run."""
+        return {phase: (getattr(self, f"{phase}_bytes") / 1e6 / getattr(self, f"{phase}_s")
+                        if getattr(self, f"{phase}_s") > 0 else None) for phase in ("read", "verify", "repack")}
+
+    def describe(self) -> str:
+        rates = self.mb_per_s()
+        return ", ".join(f"{phase} {getattr(self, f'{phase}_bytes') / 1e6:.1f} MB at {rate:.0f} MB/s"
+                         for phase, rate in rates.items() if rate is not None)
+
+
 class TensorSource:
     """Reads named tensors from a safetensors file or a SAT .pt, one at a time, with bounded residency."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.times = LoadTimes()
         self._handle = None
         self._mapped_bytes = 0
         self._pending_check: Optional[Future] = None
@@ -137,8 +167,14 @@ class TensorSource:
     def check_while_reading(self, check: Callable[[], None]) -> None:
         """Run ``check`` (the file's sha256) in a thread while tensors are read and repacked: hashlib and file
         reads release the GIL, so verification overlaps the load instead of adding a pass before it."""
+        def timed_check() -> None:
+            start = time.perf_counter()
+            check()
+            self.times.verify_s += time.perf_counter() - start
+            self.times.verify_bytes += os.path.getsize(self.path)
+
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sat_quant-verify")
-        self._pending_check = pool.submit(check)
+        self._pending_check = pool.submit(timed_check)
         pool.shutdown(wait=False)  # the submitted check still runs to its end; ``finish`` waits for it
 
     def finish(self) -> None:
@@ -154,13 +190,15 @@ class TensorSource:
         ``owned=False`` may return a view of the memory map (it pins the map while referenced): for a
         caller that copies it right away (``param.copy_``), saving a temporary copy.
         """
+        start = time.perf_counter()  # a view handed out (owned=False) is read by its caller's copy: not counted
         if self._handle is None:
             self._return_lent_pages()
             t = self._state[name]
             if not owned:
                 self._lent = t if self._file_mapped else None  # its pages are dropped at the next read
                 return t
-            return copy_out_of_map(t) if self._file_mapped else t.clone()
+            t = copy_out_of_map(t) if self._file_mapped else t.clone()
+            return self._counted(t, start)
         shape, dtype = self._shapes[name]
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if self._mapped_bytes and self._mapped_bytes + nbytes > _REMAP_BYTES:
@@ -170,10 +208,15 @@ class TensorSource:
         t = self._handle.get_tensor(name)
         self._mapped_bytes += nbytes
         if owned:
-            t = t.clone()
+            t = self._counted(t.clone(), start)
             if self._mapped_bytes > _REMAP_BYTES:  # a large tensor: its pages go now, not at the next read
                 self._remap()
         return t
+
+    def _counted(self, tensor: torch.Tensor, start: float) -> torch.Tensor:
+        self.times.read_s += time.perf_counter() - start
+        self.times.read_bytes += tensor.numel() * tensor.element_size()
+        return tensor
 
     def _return_lent_pages(self) -> None:
         """The caller of ``get(owned=False)`` copied that view before asking for the next tensor: drop its pages."""

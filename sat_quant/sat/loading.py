@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from sat.arguments import overwrite_args_by_dict, update_args_with_file
+from sat.helpers import print_rank0
 from sat.model.base_model import BaseModel
 from sat.model.base_model import get_model as sat_get_model
 from sat.model.registry import model_registry
@@ -202,6 +203,8 @@ def _fill_from(model: nn.Module, path: str, iteration: int, saved_mp: int, verif
     source = agree_across_ranks(open_and_check, f"loading {path}")  # no rank goes on alone into collectives
     fill(model, source)
     agree_across_ranks(source.finish, f"verifying {path}")
+    model.quant_load_times = source.times  # per-phase MB/s: benchmarks/full_size.py reports them
+    print_rank0(f"sat_quant: loaded {path}: {source.times.describe()}")
 
 
 class SavedState(NamedTuple):

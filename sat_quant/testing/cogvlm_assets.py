@@ -56,9 +56,10 @@ TINY_COGAGENT_ARGS: Dict[str, Any] = dict(
 #: a whole forward well under a second while every layer type stays (hidden 1792 is fixed, as for CogVLM)
 TINY_COGAGENT_EVA_ARGS: Dict[str, Any] = dict(num_layers=1, image_size=[56, 56], max_sequence_length=17)
 #: ``Eva2LargeEncoder`` hard-codes EVA2-CLIP-L (24 blocks of width 1024, 300M parameters); the tiny CogAgent keeps
-#: one real block of that shape, so its SwiGLU ``mlp.w3`` keeps in_features 2730 (= int(1024 * 2.6667), a multiple
-#: of no 4-bit group: the ragged layout of docs/FORMAT.md is exercised by every 4-bit test).
-TINY_CROSS_LAYERS = 1
+#: two real blocks of that shape, so its SwiGLU ``mlp.w3`` keeps in_features 2730 (= int(1024 * 2.6667), a multiple
+#: of no 4-bit group: the ragged layout of docs/FORMAT.md is exercised by every 4-bit test). Two, not one: the
+#: tower's ``forward_features`` never runs its last block (upstream takes the penultimate layer's features).
+TINY_CROSS_LAYERS = 2
 
 _WORDS = ("the a an cat dog bird image picture photo shows of red green blue yellow black white small large "
           "house tree car person man woman sitting standing on in with and is are what this that describe "

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from sat.model.base_model import BaseModel
+from sat.model.base_model import BaseMixin, BaseModel
+from sat.model.transformer import BaseTransformer
 from torch import nn
 from tqdm import tqdm
 
@@ -247,18 +248,24 @@ def find_stacks(model: nn.Module) -> List[Stack]:
 
 def _assign(stacks: List[Stack], plans: List[PlannedLayer]) -> List[PlannedLayer]:
     """Fills each stack's ``inside``: a planned linear is in block i of the innermost stack holding it, under
-    ``transformer.layers.i`` or at key i of a ``ModuleList``/``ModuleDict`` with one entry per block (a mixin's
-    per-layer layers: LLaMA's ``mixins.mlp.gate_proj.i``, CogVLM's visual expert ``..._list.i``). Returns the
-    linears in no block."""
+    ``transformer.layers.i`` or at key i of a ``ModuleList``/``ModuleDict`` with one entry per block held by a SAT mixin
+    (a mixin's per-layer layers: LLaMA's ``mixins.mlp.gate_proj.i``, CogVLM's visual expert ``..._list.i``). Returns
+    the linears in no block."""
     def owned(name: str, stack: Stack) -> bool:  # in the stack and in none nested inside it
         inner = [s.prefix for s in stacks if len(s.prefix) > len(stack.prefix) and s.prefix.startswith(stack.prefix)]
         return (not stack.prefix or name.startswith(stack.prefix + ".")) and not any(
             name.startswith(prefix + ".") for prefix in inner)
 
-    per_block = {id(stack): [name for name, m in stack.owner.named_modules(prefix=stack.prefix)
-                             if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) == stack.blocks and name
-                             and owned(name, stack)]
-                 for stack in stacks}
+    def per_block_lists(stack: Stack) -> List[str]:  # held by a SAT mixin or the transformer itself, not by some
+        # other module that happens to have as many entries (CogAgent's cross tower: its own ``blocks``)
+        return [f"{parent_name}.{name}" if parent_name else name
+                for parent_name, parent in stack.owner.named_modules(prefix=stack.prefix)
+                if isinstance(parent, (BaseMixin, BaseTransformer))
+                for name, m in parent.named_children()
+                if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) == stack.blocks
+                and owned(f"{parent_name}.{name}" if parent_name else name, stack)]
+
+    per_block = {id(stack): per_block_lists(stack) for stack in stacks}
     for stack in stacks:
         stack.inside = [[] for _ in range(stack.blocks)]
     outside = []

@@ -83,6 +83,10 @@ class ProgressSource:
         self.bar.update(t.numel() * t.element_size())
         return t
 
+    @property
+    def times(self):
+        return self.source.times
+
 
 __all__ = ["import_modules", "full_precision_source_config", "FullPrecisionSource", "open_full_precision",
            "ProgressSource"]

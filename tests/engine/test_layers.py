@@ -34,9 +34,42 @@ def make_layer(fmt_name="int4", n=128, k=256, bias=True, seed=0):
 def test_forward_equals_linear_with_dequantized_weight(fmt_name):
     layer, _ = make_layer(fmt_name)
     x = torch.randn(2, 5, 256)
-    expected = F.linear(x, layer.weight, layer.bias)  # .weight is the dequantized weight
+    expected = F.linear(x, layer.dequantized_weight(), layer.bias)
     # CPU kernels run on bf16 activations (8 mantissa bits): 1.6% of max|y| bounds their rounding
     assert (layer(x) - expected).abs().max() <= BF16_ACT_RTOL * expected.abs().max()
+
+
+@pytest.mark.parametrize("fmt_name", sorted(FORMATS))
+def test_linear_over_weight_runs_the_kernel(fmt_name):
+    """Model code that reads ``.weight`` into ``F.linear`` (CogAgent's cross tower) gets the layer's kernel result,
+    bitwise, with its own bias, keyword or positional; any other op sees the plain dequantized tensor."""
+    layer, _ = make_layer(fmt_name, bias=False)
+    x = torch.randn(3, 7, 256, dtype=torch.bfloat16)
+    bias = torch.randn(128)
+    kernel = layer(x)
+    assert torch.equal(F.linear(x, layer.weight), kernel)
+    assert torch.equal(F.linear(input=x, weight=layer.weight, bias=bias), kernel + bias.to(torch.bfloat16))
+    dense = F.linear(x, layer.dequantized_weight(torch.bfloat16))
+    if fmt_name != "int8":  # int8 runs a dense bf16 GEMM over the dequantized weight too
+        assert not torch.equal(kernel, dense)  # so the equality above is not dense == dense
+    assert (kernel - dense).abs().max() <= BF16_ACT_RTOL * dense.abs().max()
+    weight = layer.weight
+    plain = layer.dequantized_weight()
+    assert torch.equal(weight, plain) and weight.shape == (128, 256)
+    for derived in (weight.float(), weight * 2, weight.t(), weight.detach(), weight.data, torch.cat([weight, weight])):
+        assert type(derived) is torch.Tensor  # nothing downstream inherits the routing
+    assert torch.equal(x.float() @ weight.float().t(), x.float() @ plain.float().t())
+    with pytest.raises(RuntimeError):  # a wrong width is F.linear's own error, not a kernel crash
+        F.linear(torch.randn(2, 255), weight)
+
+
+def test_linear_over_weight_carries_gradients_to_the_input():
+    layer, _ = make_layer("int4")
+    x = torch.randn(4, 256, requires_grad=True)
+    bias = torch.randn(128, requires_grad=True)
+    F.linear(x, layer.weight, bias).sum().backward()
+    assert torch.allclose(x.grad, layer.dequantized_weight(torch.float32).sum(0).expand(4, -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(bias.grad, torch.full((128,), 4.0))
 
 
 def test_quantized_weight_is_frozen_and_not_a_parameter():
@@ -65,7 +98,7 @@ def test_scales_survive_model_half_and_bfloat16(fmt_name, cast):
     x = torch.randn(3, 256)
     y = container(x.to(dtype))
     assert y.dtype == dtype
-    ref = F.linear(x, layer.weight.float(), layer.bias.float())
+    ref = F.linear(x, layer.dequantized_weight(torch.float32), layer.bias.float())
     assert (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
 
 
@@ -115,7 +148,7 @@ def test_column_parallel_matches_sat(gather_output, stride):
     q.load_state_dict(sat.state_dict())
     assert q.output_size_per_partition == 384 and q.stride == stride and q.gather_output == gather_output
     x = torch.randn(2, 7, 256)
-    ref = F.linear(x, q.weight, sat.bias)
+    ref = F.linear(x, q.dequantized_weight(), sat.bias)
     assert (q(x) - ref).abs().max() <= BF16_ACT_RTOL * ref.abs().max()
     assert (q(x) - sat(x)).abs().max() < 0.02 * sat(x).abs().max()
 
@@ -130,6 +163,6 @@ def test_row_parallel_matches_sat(final_bias):
                                input_is_parallel=True, final_bias=final_bias)
     q.load_state_dict(sat.state_dict())
     x = torch.randn(3, 512)
-    ref = F.linear(x, q.weight, sat.bias)
+    ref = F.linear(x, q.dequantized_weight(), sat.bias)
     assert (q(x) - ref).abs().max() <= BF16_ACT_RTOL * ref.abs().max()
     assert q.input_size_per_partition == 512 and q.final_bias == final_bias

@@ -76,6 +76,22 @@ def test_every_backend_runs_a_ragged_layer_like_the_reference(name, dtype):
     assert "reference" in ran and len(ran) >= 2, ran
 
 
+@pytest.mark.parametrize("k", [2730, 104, 100, 96])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int8_runs_any_width_at_any_row_count(k, rows):
+    """int8 has no groups, so CogAgent's w3 (2730 columns) is stored unpadded; torch's AVX-512 int8 kernel reads
+    K in steps of 16 with no tail (NaN, wrong sums at 104, a segfault at 2730): sat_quant pads for it."""
+    fmt = get_format("int8")
+    layer = QuantLinear(fmt.spec(64, k), bias=False)
+    layer.quantize_weight_(_weight(64, k))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = layer(x)
+    ref = x.float() @ layer.dequantized_weight(torch.float32).t()
+    assert (y.float() - ref).abs().max() <= 1.6e-2 * ref.abs().max()
+    assert all(torch.equal(a, b) for a, b in zip(layer.neutral_tensors().values(),
+                                                 fmt.quantize(_weight(64, k), layer.spec).values()))
+
+
 @pytest.mark.parametrize("name", GROUPED)
 def test_quant_linear_on_a_ragged_layer_state_dict_round_trip_and_gradients(name):
     linear = torch.nn.Linear(90, 64)

@@ -109,3 +109,27 @@ def test_tiny_cross_tower_config_is_upstreams_but_for_depth():
     expected = {"embed_dim": _EVA2_L_CONFIG["embed_dim"], "vision_cfg": dict(_EVA2_L_CONFIG["vision_cfg"], image_size=1120)}
     assert full.config == expected and len(full.model.blocks) == 24
     assert full.model.blocks[0].mlp.w3.in_features == 2730 and full.model.patch_embed.num_patches == 6400
+
+
+def test_cross_tower_attention_runs_the_quantized_kernels(cogagent_fp):
+    """EVA2-CLIP-L's attention reads ``q_proj.weight`` (k, v) into ``F.linear``: each must run its layer's kernel
+    (on a CPU without native bf16 the dense bf16 GEMM it replaces is several times slower), once per forward. The
+    tower never runs its last block (upstream takes the penultimate features)."""
+    _, state, _, ref = cogagent_fp
+    model = sat_quant.get_model(tiny_cogagent_args(skip_init=True, quant=4, bf16=True), TinyCogAgentModel).eval()
+    model.load_state_dict(state, strict=False)
+    calls = {}
+    for name, module in model.mixins["encoder"].named_modules():
+        if name.endswith(("attn.q_proj", "attn.k_proj", "attn.v_proj")):
+            assert isinstance(module, QuantLinear)
+            kernel = module._linear
+
+            def counted(x, _kernel=kernel, _name=name):  # a spy: counts, then runs the real kernel
+                calls[_name] = calls.get(_name, 0) + 1
+                return _kernel(x)
+            module._linear = counted
+    with torch.no_grad():
+        logits = model(**tiny_cogagent_inputs(dtype=torch.bfloat16))[0]
+    ran = {f"vit.model.blocks.{i}.attn.{p}" for i in range(TINY_CROSS_LAYERS - 1) for p in ("q_proj", "k_proj", "v_proj")}
+    assert ran and set(calls) == ran and set(calls.values()) == {1}, calls
+    assert rel(logits, ref) < MAX_REL["int4"]

@@ -190,3 +190,25 @@ def test_cli_convert_cogvlm_with_import(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sat_quant.tools.cli", "convert", src, str(tmp_path / "q2"), "--quant", "8"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, WANDB_MODE="disabled"))
     assert r.returncode == 2 and "CogVLMModel" in r.stderr and "--import" in r.stderr
+
+
+def test_load_reports_each_phase(fp_models, fp_checkpoints, tmp_path, caplog):
+    """from_pretrained measures reading, sha256 verification and the repack into kernel layouts separately, over
+    exactly the bytes each phase handled, and prints one line of MB/s (benchmarks/full_size.py reports them)."""
+    from safetensors import safe_open
+
+    from sat_quant.io.layout import checkpoint_tensor_path, read_latest
+    dst = str(tmp_path / "q")
+    convert(fp_checkpoints["llama"], dst, QuantConfig(bits=4, format="int4"), progress=False)
+    with caplog.at_level("INFO"):
+        model, _ = sat_quant.from_pretrained(SAT_MODELS["llama"][0], dst)
+    times = model.quant_load_times
+    tensor_file = checkpoint_tensor_path(dst, read_latest(dst), 0)
+    with safe_open(tensor_file, framework="pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert times.read_bytes == stored and times.verify_bytes == os.path.getsize(tensor_file)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and times.repack_bytes == sum(m.quantized_nbytes() for m in layers)
+    assert times.read_s > 0 and times.verify_s > 0 and times.repack_s > 0
+    assert all(rate > 0 for rate in times.mb_per_s().values())
+    assert f"sat_quant: loaded {dst}: read {stored / 1e6:.1f} MB at " in caplog.text

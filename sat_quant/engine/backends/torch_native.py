@@ -179,7 +179,13 @@ class TorchNativeBackend(Backend):
         xk = pad_activation(xk, spec).contiguous()  # a ragged layer's stored rows end in whole zero-padded groups
         if fmt.kernel_layout == "int8_rowwise":
             scale = cached(kernel, "_scale_bf16", lambda: kernel["scale"].to(torch.bfloat16))
-            y = torch.ops.aten._weight_int8pack_mm(xk, kernel["qweight"], scale)
+            qweight = kernel["qweight"]
+            if xk.device.type == "cpu" and xk.shape[1] % _INT8_CPU_K:
+                # torch's AVX-512 CPU kernel reads K in steps of 16 with no tail: NaN or wrong sums, or a segfault
+                # (seen with torch 2.14.1 on AMD Zen 4). Zero columns on both sides add nothing.
+                qweight = cached(kernel, "_qweight_k16", lambda: _pad_columns(kernel["qweight"], _INT8_CPU_K))
+                xk = _pad_columns(xk, _INT8_CPU_K)
+            y = torch.ops.aten._weight_int8pack_mm(xk, qweight, scale)
         else:
             sz = cached(kernel, "_sz_bf16", lambda: _scales_and_zeros(fmt, spec, kernel, torch.bfloat16))
             if xk.device.type == "cpu":
@@ -187,6 +193,14 @@ class TorchNativeBackend(Backend):
             else:
                 y = torch.ops.aten._weight_int4pack_mm(xk, kernel["packed"], spec.group_size, sz)
         return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
+
+
+_INT8_CPU_K = 16  # the K step of torch's int8 CPU kernel (see kernel_linear)
+
+
+def _pad_columns(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t`` [rows, K] with zero columns up to the next multiple of ``multiple``."""
+    return torch.nn.functional.pad(t, (0, -t.shape[1] % multiple)).contiguous()
 
 
 def _scales_and_zeros(fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors, dtype: torch.dtype) -> torch.Tensor:
