@@ -165,6 +165,13 @@ class KernelRoutedWeight(torch.Tensor):
                 return routed
         return func(*_plain(args), **_plain(kwargs))
 
+    # saved or copied, it is the plain tensor: never the layer it points to
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return self.as_subclass(torch.Tensor).clone()
+
 
 def _plain(value):
     """``value`` with every KernelRoutedWeight in it (nested in tuples, lists, dicts) viewed as a plain tensor."""

@@ -26,6 +26,7 @@ KERNELS = {("torch", "cpu", "int8"): "torch _weight_int8pack_mm", ("torch", "cud
            ("torch", "cpu", "int4c"): "torch _weight_int4pack_mm_for_cpu",
            ("torch", "cuda", "int4"): "torch _weight_int4pack_mm", ("torch", "cuda", "int4c"): "torch _weight_int4pack_mm",
            ("lut", "cpu", "nf4"): "sat_quant AVX-512 LUT", ("lut", "cpu", "fp4"): "sat_quant AVX-512 LUT",
+           ("lut", "cpu", "int4"): "sat_quant AVX-512 LUT",
            ("bitsandbytes", "cpu", "nf4"): "bitsandbytes matmul_4bit", ("bitsandbytes", "cpu", "fp4"): "bitsandbytes matmul_4bit",
            ("reference", "cpu", ""): "dequantize + F.linear"}
 

@@ -80,12 +80,15 @@ def test_auto_picks_a_kernel_not_the_reference_on_cpu(fmt_name):
     assert select_backend("auto", fmt, fmt.spec(4096, 4096), "cpu").name != "reference"
 
 
-def test_auto_falls_back_to_reference_for_shapes_without_a_kernel():
+def test_auto_falls_back_for_shapes_torch_cannot_run():
+    """torch's CPU int4 kernel packs rows in blocks and takes groups 32..256 only: auto then takes sat_quant's lut
+    kernel where it runs (AVX-512), else the reference."""
+    from sat_quant.engine.kernels import lut4
     fmt = get_format("int4")
-    odd_rows = fmt.spec(100, 256, group_size=64)  # the CPU int4 kernel packs rows in blocks
-    assert select_backend("auto", fmt, odd_rows, "cpu").name == "reference"
-    small_group = fmt.spec(128, 256, group_size=16)  # the kernel supports groups 32..256 only
-    assert select_backend("auto", fmt, small_group, "cpu").name == "reference"
+    fallback = "lut" if lut4.unavailable_reason() is None else "reference"
+    for spec in (fmt.spec(100, 256, group_size=64), fmt.spec(128, 256, group_size=16)):
+        assert BACKENDS["torch"].unsupported_reason(fmt, spec, torch.device("cpu")) is not None
+        assert select_backend("auto", fmt, spec, "cpu").name == fallback
 
 
 def test_explicit_backend_that_cannot_run_is_a_clear_error():

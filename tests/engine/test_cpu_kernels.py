@@ -1,5 +1,5 @@
-"""sat_quant's compiled nf4/fp4 CPU kernel ("lut" backend): equal to the reference, picked by auto, and a clean
-fallback to bitsandbytes when it cannot be built."""
+"""sat_quant's compiled nf4/fp4/int4 CPU kernel ("lut" backend): equal to the reference, picked by auto, and a clean
+fallback (bitsandbytes for nf4/fp4, torch for int4) when it cannot be built."""
 import json
 import os
 import subprocess
@@ -46,7 +46,7 @@ def test_the_kernel_is_used_exactly_where_the_cpu_can_run_it():
     assert (backend.linear(x, fmt, spec, backend.prepare(fmt, spec, neutral)) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("fmt_name", ["nf4", "fp4"])
+@pytest.mark.parametrize("fmt_name", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("n,k,group", [(192, 512, 64), (48, 96, 32), (200, 320, 64), (33, 1024, 256),
                                        (64, 384, 128), (16, 48, 16), (8, 1536, 384)])
 @needs_avx512
@@ -66,7 +66,7 @@ def test_matches_reference(fmt_name, n, k, group, batch, dtype):
 
 
 @needs_avx512
-@pytest.mark.parametrize("fmt_name", ["nf4", "fp4"])
+@pytest.mark.parametrize("fmt_name", ["nf4", "fp4", "int4"])
 def test_fp32_is_exact_up_to_summation_order(fmt_name):
     fmt, spec, neutral = quantized(fmt_name, 96, 4096, 64)
     x = torch.randn(3, 1, 4096, dtype=torch.float64)
@@ -76,12 +76,37 @@ def test_fp32_is_exact_up_to_summation_order(fmt_name):
 
 
 @needs_avx512
-@pytest.mark.parametrize("fmt_name", ["nf4", "fp4"])
+@pytest.mark.parametrize("fmt_name", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dequantize_is_bitwise_the_reference(fmt_name, dtype):
     fmt, spec, neutral = quantized(fmt_name, 40, 352, 32)
-    w = lut4.dequantize(neutral["qweight"], neutral["absmax"], fmt.table_tensor(), 32, dtype)
+    if fmt_name == "int4":  # codes through 0..15, minus the zero point, times the fp16 scale widened
+        w = lut4.dequantize(neutral["qweight"], neutral["scale"].float(), torch.arange(16.0), 32, dtype,
+                            neutral["zero"])
+    else:
+        w = lut4.dequantize(neutral["qweight"], neutral["absmax"], fmt.table_tensor(), 32, dtype)
     assert torch.equal(w, fmt.dequantize(neutral, spec, dtype=dtype))
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_decode_runs_the_lut_kernel_and_saves_exactly(dtype):
+    """--quant 4 (int4) on an AVX-512 CPU: auto picks the lut kernel (about 4x torch's int4 kernel at one row, see
+    benchmarks/RESULTS.md); the layer's output matches torch's int4 kernel on the same codes, its state dict is
+    the saved layout bit for bit, and the fp32 scales it holds cost 2 bytes per group."""
+    fmt, spec, neutral = quantized("int4", 256, 1024, 128)
+    layer = sat_quant.QuantLinear(spec, bias=False)
+    layer.load_neutral_(neutral)
+    assert layer.backend.name == "lut"
+    assert all(torch.equal(t, neutral[name]) for name, t in layer.state_dict().items())
+    x = torch.randn(1, 1024).to(dtype)
+    torch_int4 = BACKENDS["torch"]
+    other = torch_int4.linear(x, fmt, spec, torch_int4.prepare(fmt, spec, neutral))
+    ref = REF.linear(x.float(), fmt, spec, neutral)
+    assert (layer(x).float() - ref).abs().max() <= RTOL[dtype] * ref.abs().max()
+    assert (other.float() - ref).abs().max() <= 1.6e-2 * ref.abs().max()  # torch's own kernel rounds x to bf16
+    kernel_bytes = sum(t.numel() * t.element_size() for k, t in layer._kernel.items() if not k.startswith("_"))
+    assert kernel_bytes == fmt.nbytes(spec) + 2 * spec.out_features * spec.num_groups
 
 
 @needs_avx512
@@ -108,12 +133,15 @@ def test_block_sizes_the_kernel_does_not_tile_fall_back(n, k, group):
 
 
 @needs_avx512
-def test_auto_prefers_it_for_nf4_fp4_on_cpu_only():
-    for name in ("nf4", "fp4"):
+def test_auto_prefers_it_for_nf4_fp4_int4_on_cpu_only():
+    for name in ("nf4", "fp4", "int4"):
         fmt = get_format(name)
         assert select_backend("auto", fmt, fmt.spec(4096, 4096), "cpu").name == "lut"
         assert LUT.unsupported_reason(fmt, fmt.spec(4096, 4096), torch.device("cuda")) is not None
-    assert LUT.unsupported_reason(get_format("int4"), get_format("int4").spec(128, 256), torch.device("cpu"))
+    for name in ("int4c", "int8"):  # int4c's scales are not int4's layout; int8 is not 4-bit
+        fmt = get_format(name)
+        assert LUT.unsupported_reason(fmt, fmt.spec(128, 256), torch.device("cpu"))
+        assert select_backend("auto", fmt, fmt.spec(128, 256), "cpu").name == "torch"
 
 
 @needs_avx512

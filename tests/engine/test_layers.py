@@ -1,4 +1,7 @@
 """QuantLinear / QuantColumnParallelLinear / QuantRowParallelLinear: SAT semantics, dtype survival, state dict."""
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +64,10 @@ def test_linear_over_weight_runs_the_kernel(fmt_name):
     assert torch.equal(x.float() @ weight.float().t(), x.float() @ plain.float().t())
     with pytest.raises(RuntimeError):  # a wrong width is F.linear's own error, not a kernel crash
         F.linear(torch.randn(2, 255), weight)
+    buffer = io.BytesIO()
+    torch.save(weight, buffer)  # saved and copied as the plain tensor, without the layer behind it
+    for copied in (torch.load(io.BytesIO(buffer.getvalue())), copy.deepcopy(weight)):
+        assert type(copied) is torch.Tensor and torch.equal(copied, plain)
 
 
 def test_linear_over_weight_carries_gradients_to_the_input():

@@ -13,7 +13,7 @@ from sat_quant import CheckpointError, QuantConfigError
 from sat_quant.io.load import load_into
 from sat_quant.io.manifest import quantization_block
 from sat_quant.io.tensorfile import TensorSource
-from tests.conftest import run_logits, sat_args
+from tests.conftest import INT4_CPU_BACKEND, run_logits, sat_args
 from tests.io.checkpoints import (
     STATES,
     assert_refused,
@@ -305,4 +305,4 @@ def test_the_backend_flag_is_honoured_on_a_quantized_checkpoint(q4, ckpt):
     assert layers and {m.backend.name for m in layers} == {"reference"}
     torch.testing.assert_close(run_logits(model.eval(), inputs), ref, rtol=0.05, atol=0.05)
     default, _ = sat_quant.from_pretrained(GPT2Model, ckpt)
-    assert {m.backend.name for m in default.modules() if isinstance(m, sat_quant.QuantLinear)} == {"torch"}
+    assert {m.backend.name for m in default.modules() if isinstance(m, sat_quant.QuantLinear)} == {INT4_CPU_BACKEND}

@@ -207,18 +207,33 @@ def test_cogagent_encodes_its_cross_image_once_per_generation():
     with the same logits at every step."""
     from tests.cogagent_fixture import build_tiny_cogagent, tiny_cogagent_inputs
     model, _ = build_tiny_cogagent(torch.float32)
-    runs = []
+    runs, projections = [], []
     model.mixins["encoder"].vit.register_forward_hook(lambda *a: runs.append(1))
+    layers = len(model.transformer.layers)
+
+    def count_projections(kv_forward):  # each layer's cross keys/values come from the image, not from the tokens
+        def counted(*args, **kwargs):
+            projections.append(1)
+            return kv_forward(*args, **kwargs)
+        return counted
+    for layer in model.transformer.layers:  # the projection itself (cache_cross_image wraps it from outside)
+        layer.cross_attention.key_value.forward = count_projections(layer.cross_attention.key_value.forward)
 
     def generate():
         runs.clear()
-        return _generate_prompt(model, KVCacheMixin(), tiny_cogagent_inputs()), len(runs)
+        projections.clear()
+        return _generate_prompt(model, KVCacheMixin(), tiny_cogagent_inputs()), len(runs), len(projections)
 
-    (tokens, plain), plain_runs = generate()
+    (tokens, plain), plain_runs, plain_projections = generate()
     assert plain_runs == NEW_TOKENS  # upstream: once per forward, the prompt's and every new token's
+    assert plain_projections == NEW_TOKENS * layers
     assert sat_quant.cache_cross_image(model) and sat_quant.cache_cross_image(model)  # twice: wrapped once
-    (cached_tokens, cached), cached_runs = generate()
-    assert cached_runs == 1
+    (cached_tokens, cached), cached_runs, cached_projections = generate()
+    assert cached_runs == 1 and cached_projections == layers
+    memo = model.transformer.layers[0].cross_attention.key_value.forward  # benchmarks ask before counting weights
+    with torch.no_grad():
+        assert memo.would_reuse(*memo.kept) and not memo.would_reuse((torch.zeros(1, 4, 1024),), {})
+    assert not memo.would_reuse(*memo.kept)  # with gradients nothing is reused
     assert torch.equal(cached_tokens, tokens)
     _assert_same_steps(cached, plain, atol=0.0)
     with torch.enable_grad():  # with gradients (training) nothing is reused

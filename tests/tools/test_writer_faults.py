@@ -41,8 +41,8 @@ READ_ONLY["plan"] = ("dst", "parent")  # plan's DST is a file
 # RLIMIT_AS margin above the warmed-up child's size, in MiB, and the step the failure must be reported in. The
 # wide model's (1 layer, hidden 512, MLP 32768) fp32 file is 137 MiB, its int4 file 23 MiB: loading the int4 file
 # needs 64-96 MiB, dequantizing it > 200 MiB, so dequantize fails in its own write step at 150. A save streams the
-# tensors it holds (safetensors writes from their memory) and allocates only the neutral form of the largest int4
-# layer (8 MiB): it fails at 4.
+# tensors it holds (safetensors writes from their memory) and, on torch's int4 kernel, allocates only the neutral form
+# of the largest int4 layer (8 MiB): it fails at 4.
 ADDRESS_SPACE = {"convert": (64, "while converting"), "dequantize": (150, "in full precision to"),
                  "reshard": (32, "while resharding"), "merge-lora": (32, "while loading"),
                  "plan": (64, "while planning"), "save": (4, "while saving to")}

@@ -23,7 +23,8 @@ def main(save_dir: str, mode: str = "stream") -> None:
     import sat_quant
     from sat_quant.engine.layers import QuantLinear
     args = GPT2Model.get_args(num_layers=6, hidden_size=4096, num_attention_heads=32, vocab_size=1000,
-                              max_sequence_length=64, device="cpu", skip_init=True, mode="inference", quant=4)
+                              max_sequence_length=64, device="cpu", skip_init=True, mode="inference", quant=4,
+                              quant_backend="torch")  # a kernel layout that is not the saved one
     model = sat_quant.get_model(args, GPT2Model)  # skip_init: built on meta, packed zeros
     torch.manual_seed(0)
     quantized = 0

@@ -62,8 +62,12 @@ def run_writer(kind, src, dst, iteration=1):
 
 
 def preload(src):
+    """The model a ``save`` case saves, on torch's int4 kernel: its layout is not the saved one, so a save allocates
+    the neutral form of each layer (sat_quant's lut kernel, auto's choice on AVX-512, holds the saved layout and
+    a save allocates next to nothing: no limit would make it fail)."""
     if src not in _models:
-        _models[src] = sat_quant.from_pretrained(GPT2Model, src)
+        args = GPT2Model.get_args(device="cpu", quant_backend="torch", mode="inference")
+        _models[src] = sat_quant.from_pretrained(GPT2Model, src, args)
 
 
 def vm_size():

@@ -1,6 +1,8 @@
-// sat_quant's CPU kernel for the 4-bit table formats (nf4 / fp4): y = x @ (T[code] * absmax)^T, read straight
-// from the neutral layout (bitsandbytes' packing: uint8 [N, K/2], even column in the high nibble; fp32 absmax
-// per block of G columns). Plain C ABI (called through ctypes: no torch headers, so it compiles in seconds).
+// sat_quant's CPU kernel for the 4-bit formats: y = x @ ((T[code] - zero) * absmax)^T, read straight from the
+// neutral layout (bitsandbytes' packing: uint8 [N, K/2], even column in the high nibble; fp32 absmax per block of
+// G columns). nf4 / fp4: T is their table and there is no zero. int4: T is 0..15 and zero the uint8 zero-point of
+// each block (the int4 layout's fp16 scale, widened to fp32, is absmax). Plain C ABI (called through ctypes: no
+// torch headers, so it compiles in seconds).
 //
 // How it works: one 64-byte load holds 128 codes as 16 dwords. vpermps looks up a 16-entry fp32 table using only
 // bits 3:0 of each dword lane, so shifting the dwords right by 0, 4, ..., 28 gives, per shift, one code per lane
@@ -8,7 +10,8 @@
 // unpacking. x is rearranged once per call into that same order, so each lookup feeds straight into an FMA.
 // fp32/fp16 activations (tile_f32): weights are T * absmax in fp32, exactly the reference's dequantized values,
 // accumulated in fp32. bf16 activations (tile_bf16): a bf16 copy of the table is looked up 32 codes at a time with
-// vpermw and vdpbf16ps multiplies pairs in fp32, scaled by absmax once per chunk (2.5x fewer vector ops).
+// vpermw and vdpbf16ps multiplies pairs in fp32, scaled by absmax once per chunk (2.5x fewer vector ops); a zero
+// point enters there too, as absmax * zero * (the sum of the 8 x values each lane covers), summed once per call.
 // Rows of W are split into tasks run by the caller and a small pool of worker threads (see Pool); masked loads
 // handle a partial last chunk; a per-call Plan keeps integer division out of the inner loop.
 
@@ -39,7 +42,7 @@ SQ_API int sq_lut4_cpu_level(void) {
     return __builtin_cpu_supports("avx512bf16") ? 2 : 1;
 }
 
-SQ_API int sq_lut4_abi_version(void) { return 1; }
+SQ_API int sq_lut4_abi_version(void) { return 2; }
 
 // A worker pool that never waits for a thread that has not started working. OpenMP's end-of-region barrier waits
 // for every team thread to arrive: on a busy machine a worker not yet scheduled cost ~4-8 ms per call (measured:
@@ -169,6 +172,7 @@ void arrange_f32(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, int64
 struct Chunk {
     __m512i dw;  // 16 dwords = 128 codes
     __m512 av;   // absmax of each lane's block
+    __m512 zv;   // zero point of each lane's block (0 without zero points)
 };
 
 // Per-call constants, so the inner loop does no integer division: per chunk, its first absmax index and the
@@ -203,7 +207,7 @@ bool make_plan(Plan& p, int64_t K, int64_t G) {
 #ifndef SQ_PREFETCH
 #define SQ_PREFETCH 2048
 #endif
-inline Chunk load_chunk(const uint8_t* qr, const float* ar, int64_t c, const Plan& p) {
+inline Chunk load_chunk(const uint8_t* qr, const float* ar, const uint8_t* zr, int64_t c, const Plan& p) {
     Chunk ch;
     // the hardware prefetcher alone left this stream at ~1/3 of memory bandwidth; reading ahead past the row's
     // end is harmless (prefetches never fault)
@@ -211,30 +215,34 @@ inline Chunk load_chunk(const uint8_t* qr, const float* ar, int64_t c, const Pla
     if ((c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(ar + p.blk[c] + SQ_PREFETCH / 8), _MM_HINT_T0);
     ch.dw = _mm512_maskz_loadu_epi32(p.dmask[c], qr + c * 64);
     ch.av = _mm512_permutexvar_ps(p.gidx, _mm512_maskz_loadu_ps(p.bmask[c], ar + p.blk[c]));
+    ch.zv = zr ? _mm512_permutexvar_ps(p.gidx, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                     _mm_maskz_loadu_epi8(p.bmask[c], zr + p.blk[c]))))
+               : _mm512_setzero_ps();
     return ch;
 }
 
 inline __m512 lookup(const Chunk& ch, int s, __m512 table) {
     __m512i idx = s ? _mm512_srli_epi32(ch.dw, 4 * s) : ch.dw;
-    return _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), ch.av);
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_permutexvar_ps(idx, table), ch.zv), ch.av);
 }
 
 
 // MT rows of x against rows [n0, n1) of W, fp32 FMAs. xp points at row 0 of the tile; y at its row 0.
 // A accumulators per x row break the FMA dependency chain when MT is small (latency 4, one chain would stall).
 template <int MT>
-void tile_f32(const uint8_t* q, const float* absmax, __m512 table, const float* xp, int64_t n0, int64_t n1,
-              int64_t K, int64_t G, int64_t C, int64_t N, void* y, int ydt, const Plan& plan) {
+void tile_f32(const uint8_t* q, const float* absmax, const uint8_t* zero, __m512 table, const float* xp, int64_t n0,
+              int64_t n1, int64_t K, int64_t G, int64_t C, int64_t N, void* y, int ydt, const Plan& plan) {
     constexpr int A = MT >= 4 ? 1 : 4 / MT;
     const int64_t xs = C * 128;
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* qr = q + n * (K / 2);
         const float* ar = absmax + n * (K / G);
+        const uint8_t* zr = zero ? zero + n * (K / G) : nullptr;
         __m512 acc[MT][A];
         for (int m = 0; m < MT; ++m)
             for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
         for (int64_t c = 0; c < C; ++c) {
-            Chunk ch = load_chunk(qr, ar, c, plan);
+            Chunk ch = load_chunk(qr, ar, zr, c, plan);
             const float* xc = xp + c * 128;
 #pragma GCC unroll 8
             for (int s = 0; s < 8; ++s) {
@@ -257,18 +265,20 @@ void tile_f32(const uint8_t* q, const float* absmax, __m512 table, const float* 
 // dword lane covers 8 columns, so one block). 2.5x fewer vector ops than the fp32 path; the weights are the
 // table values rounded to bf16 (relative error <= 2^-9, far below 4-bit quantization error), then x absmax in fp32.
 template <int MT>
-void tile_bf16(const uint8_t* q, const float* absmax, __m512i table32, const uint16_t* xp, int64_t n0, int64_t n1,
-               int64_t K, int64_t G, int64_t C, int64_t N, void* y, int ydt, const Plan& plan) {
+void tile_bf16(const uint8_t* q, const float* absmax, const uint8_t* zero, __m512i table32, const uint16_t* xp,
+               const float* xs8, int64_t n0, int64_t n1, int64_t K, int64_t G, int64_t C, int64_t N, void* y, int ydt,
+               const Plan& plan) {
     constexpr int A = MT >= 2 ? 1 : 2;  // one row: alternate two accumulators between chunks
     const int64_t xs = C * 128;
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* qr = q + n * (K / 2);
         const float* ar = absmax + n * (K / G);
+        const uint8_t* zr = zero ? zero + n * (K / G) : nullptr;
         __m512 acc[MT][A];
         for (int m = 0; m < MT; ++m)
             for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
         for (int64_t c = 0; c < C; ++c) {
-            Chunk ch = load_chunk(qr, ar, c, plan);
+            Chunk ch = load_chunk(qr, ar, zr, c, plan);
             __m512bh w[4];
             for (int s = 0; s < 4; ++s) {
                 __m512i idx = s ? _mm512_srli_epi16(ch.dw, 4 * s) : ch.dw;
@@ -283,6 +293,7 @@ void tile_bf16(const uint8_t* q, const float* absmax, __m512i table32, const uin
                 t = _mm512_dpbf16_ps(t, w[1], reinterpret_cast<__m512bh&>(x1));
                 t = _mm512_dpbf16_ps(t, w[2], reinterpret_cast<__m512bh&>(x2));
                 t = _mm512_dpbf16_ps(t, w[3], reinterpret_cast<__m512bh&>(x3));
+                if (zr) t = _mm512_fnmadd_ps(ch.zv, _mm512_loadu_ps(xs8 + (m * C + c) * 16), t);  // - zero * sum x
                 acc[m][c % A] = _mm512_fmadd_ps(ch.av, t, acc[m][c % A]);
             }
         }
@@ -294,8 +305,9 @@ void tile_bf16(const uint8_t* q, const float* absmax, __m512i table32, const uin
     }
 }
 
-// bf16 x [M, K] -> xp [M][C][4][32] in the word order of tile_bf16, zero past K.
-void arrange_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t C, uint16_t* xp) {
+// bf16 x [M, K] -> xp [M][C][4][32] in the word order of tile_bf16, zero past K; with xs8, also the fp32 sum of
+// each lane's 8 columns (lane l of chunk c: columns 128c + 8l .. +7) for the zero-point term.
+void arrange_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t C, uint16_t* xp, float* xs8) {
     for (int64_t m = 0; m < M; ++m)
         for (int64_t c = 0; c < C; ++c)
             for (int s = 0; s < 4; ++s)
@@ -303,15 +315,25 @@ void arrange_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t 
                     int64_t k = c * 128 + 4 * j + (s ^ 1);
                     xp[((m * C + c) * 4 + s) * 32 + j] = k < K ? x[m * ldx + k] : 0;
                 }
+    if (!xs8) return;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < C; ++c)
+            for (int l = 0; l < 16; ++l) {
+                float sum = 0.0f;
+                for (int64_t k = c * 128 + 8 * l; k < c * 128 + 8 * l + 8 && k < K; ++k)
+                    sum += load_scalar(x, SQ_BF16, m * ldx + k);
+                xs8[(m * C + c) * 16 + l] = sum;
+            }
 }
 
 }  // namespace
 
-// y [M, N] (dtype ydt) = x [M, K] (dtype xdt, row stride ldx) @ W^T, W from (q, absmax, table) with block G.
+// y [M, N] (dtype ydt) = x [M, K] (dtype xdt, row stride ldx) @ W^T, W from (q, absmax, table, zero) with block
+// G; zero (uint8 [N, K/G]) may be null (no zero points).
 // Returns 0, or 1 when the CPU lacks AVX-512, 2 for an unsupported shape, 3 when scratch memory is unavailable.
 SQ_API int sq_lut4_linear(const void* x, int xdt, int64_t M, int64_t K, int64_t ldx, const uint8_t* q,
-                          const float* absmax, const float* table16, int64_t N, int64_t G, void* y, int ydt,
-                          int nthreads) {
+                          const float* absmax, const float* table16, const uint8_t* zero, int64_t N, int64_t G,
+                          void* y, int ydt, int nthreads) {
     static const int level = sq_lut4_cpu_level();
     if (level == 0) return 1;
     if (K % 8 || K % G || G < 16 || (128 % G && G % 128)) return 2;
@@ -319,14 +341,16 @@ SQ_API int sq_lut4_linear(const void* x, int xdt, int64_t M, int64_t K, int64_t 
     // bf16 x takes tile_bf16 (where the CPU has AVX512_BF16), fp32/fp16 take tile_f32
     const int path = xdt == SQ_BF16 && level >= 2 ? 1 : 0;
     const int64_t xbytes = M * C * 128 * (path ? 2 : 4);
+    const int64_t sbytes = path == 1 && zero ? M * C * 16 * 4 : 0;  // per-lane sums of x for the zero points
     Plan plan;
     if (!make_plan(plan, K, G)) return 3;
-    void* xp = aligned_alloc(64, (xbytes + 63) / 64 * 64);
+    void* xp = aligned_alloc(64, (xbytes + sbytes + 63) / 64 * 64);
     if (!xp) {
         free(plan.blk);
         return 3;
     }
-    if (path == 1) arrange_bf16(static_cast<const uint16_t*>(x), M, K, ldx, C, static_cast<uint16_t*>(xp));
+    float* xs8 = sbytes ? reinterpret_cast<float*>(static_cast<char*>(xp) + xbytes) : nullptr;
+    if (path == 1) arrange_bf16(static_cast<const uint16_t*>(x), M, K, ldx, C, static_cast<uint16_t*>(xp), xs8);
     else arrange_f32(x, xdt, M, K, ldx, C, static_cast<float*>(xp));
     const __m512 table = _mm512_loadu_ps(table16);
     alignas(64) uint16_t t32[32];
@@ -343,16 +367,16 @@ SQ_API int sq_lut4_linear(const void* x, int xdt, int64_t M, int64_t K, int64_t 
         int64_t m = 0;
         if (path == 1) {
             const uint16_t* xb = static_cast<const uint16_t*>(xp);
-            for (; m + BF16_TILE <= M; m += BF16_TILE) tile_bf16<BF16_TILE>(q, absmax, table32, xb + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan);
-            if (BF16_TILE > 4 && m + 4 <= M) { tile_bf16<4>(q, absmax, table32, xb + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan); m += 4; }
-            if (BF16_TILE > 2 && m + 2 <= M) { tile_bf16<2>(q, absmax, table32, xb + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan); m += 2; }
-            if (m < M) tile_bf16<1>(q, absmax, table32, xb + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan);
+            for (; m + BF16_TILE <= M; m += BF16_TILE) tile_bf16<BF16_TILE>(q, absmax, zero, table32, xb + m * stride, xs8 ? xs8 + m * C * 16 : nullptr, n0, n1, K, G, C, N, at(m), ydt, plan);
+            if (BF16_TILE > 4 && m + 4 <= M) { tile_bf16<4>(q, absmax, zero, table32, xb + m * stride, xs8 ? xs8 + m * C * 16 : nullptr, n0, n1, K, G, C, N, at(m), ydt, plan); m += 4; }
+            if (BF16_TILE > 2 && m + 2 <= M) { tile_bf16<2>(q, absmax, zero, table32, xb + m * stride, xs8 ? xs8 + m * C * 16 : nullptr, n0, n1, K, G, C, N, at(m), ydt, plan); m += 2; }
+            if (m < M) tile_bf16<1>(q, absmax, zero, table32, xb + m * stride, xs8 ? xs8 + m * C * 16 : nullptr, n0, n1, K, G, C, N, at(m), ydt, plan);
         } else {
             const float* xf = static_cast<const float*>(xp);
-            for (; m + 8 <= M; m += 8) tile_f32<8>(q, absmax, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan);
-            if (m + 4 <= M) { tile_f32<4>(q, absmax, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan); m += 4; }
-            if (m + 2 <= M) { tile_f32<2>(q, absmax, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan); m += 2; }
-            if (m < M) tile_f32<1>(q, absmax, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan);
+            for (; m + 8 <= M; m += 8) tile_f32<8>(q, absmax, zero, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan);
+            if (m + 4 <= M) { tile_f32<4>(q, absmax, zero, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan); m += 4; }
+            if (m + 2 <= M) { tile_f32<2>(q, absmax, zero, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan); m += 2; }
+            if (m < M) tile_f32<1>(q, absmax, zero, table, xf + m * stride, n0, n1, K, G, C, N, at(m), ydt, plan);
         }
     });
     free(xp);
@@ -363,8 +387,8 @@ SQ_API int sq_lut4_linear(const void* x, int xdt, int64_t M, int64_t K, int64_t 
 // W [N, K] in dtype ydt (natural column order): for many activation rows, dequantize once and let a dense GEMM run.
 // 16 bytes -> 16 dword lanes (vpmovzxbd); the high nibbles (even columns) and low nibbles (odd columns) are looked
 // up separately and interleaved back with vpermt2ps. Values are T * absmax in fp32, then one rounding to ydt.
-SQ_API int sq_lut4_dequantize(const uint8_t* q, const float* absmax, const float* table16, int64_t N, int64_t K,
-                              int64_t G, void* y, int ydt, int nthreads) {
+SQ_API int sq_lut4_dequantize(const uint8_t* q, const float* absmax, const float* table16, const uint8_t* zero,
+                              int64_t N, int64_t K, int64_t G, void* y, int ydt, int nthreads) {
     static const int level = sq_lut4_cpu_level();
     if (level == 0) return 1;
     if (K % 8 || K % G || G < 16 || (128 % G && G % 128)) return 2;
@@ -378,11 +402,15 @@ SQ_API int sq_lut4_dequantize(const uint8_t* q, const float* absmax, const float
     parallel_tasks(nthreads, N, [&](int64_t n) {
         const uint8_t* qr = q + n * (K / 2);
         const float* ar = absmax + n * (K / G);
+        const uint8_t* zr = zero ? zero + n * (K / G) : nullptr;
         for (int64_t j = 0; j < full; ++j) {
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + j * 16)));
             __m512 av = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(bmask, ar + (j * 32) / G));
-            __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), av);
-            __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(v, table), av);
+            __m512 zv = zr ? _mm512_permutexvar_ps(gidx, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                 _mm_maskz_loadu_epi8(bmask, zr + (j * 32) / G))))
+                           : _mm512_setzero_ps();
+            __m512 even = _mm512_mul_ps(_mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), zv), av);
+            __m512 odd = _mm512_mul_ps(_mm512_sub_ps(_mm512_permutexvar_ps(v, table), zv), av);
             __m512 w0 = _mm512_permutex2var_ps(even, ilo, odd), w1 = _mm512_permutex2var_ps(even, ihi, odd);
             const int64_t at = n * K + j * 32;
             if (ydt == SQ_F32) {
@@ -400,7 +428,7 @@ SQ_API int sq_lut4_dequantize(const uint8_t* q, const float* absmax, const float
         }
         for (int64_t k = full * 32; k < K; ++k) {  // the last K % 32 columns
             const int code = k % 2 ? qr[k / 2] & 15 : qr[k / 2] >> 4;
-            store_scalar(y, ydt, n * K + k, table16[code] * ar[k / G]);
+            store_scalar(y, ydt, n * K + k, (table16[code] - (zr ? zr[k / G] : 0)) * ar[k / G]);
         }
     });
     return 0;

@@ -35,7 +35,7 @@ class Int4Grouped(WeightFormat):
     tensor_names = ("qweight", "scale", "zero")
     default_for_bits = True
     kernel_layout = "int4_affine"
-    backend_order = ("torch", "reference")
+    backend_order = ("lut", "torch", "reference")
     calibratable = True
 
     def affine_groups(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec) -> Tuple[torch.Tensor, torch.Tensor]:

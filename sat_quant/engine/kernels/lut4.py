@@ -1,4 +1,5 @@
-"""Python side of ``csrc/lut4_cpu.cpp``: nf4/fp4 ``x @ W^T`` on CPU straight from the neutral layout.
+"""Python side of ``csrc/lut4_cpu.cpp``: nf4/fp4 (and int4 with its zero points) ``x @ W^T`` on CPU straight from the
+neutral layout.
 
 The library is compiled on first use (about a second, see ``build.py``) and loaded with ctypes; every reason it
 cannot run (no compiler, build failure, a CPU without AVX-512, disabled by env) is logged once and returned by
@@ -43,14 +44,14 @@ def _library():
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
         return None, f"loading {path} failed: {exc}"
-    if lib.sq_lut4_abi_version() != 1:
+    if lib.sq_lut4_abi_version() != 2:
         return None, f"{path} has an unexpected ABI version"
     if lib.sq_lut4_cpu_level() == 0:
         return None, _ERRORS[1]
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.sq_lut4_linear.argtypes = [p, i32, i64, i64, i64, p, p, p, i64, i64, p, i32, i32]
+    lib.sq_lut4_linear.argtypes = [p, i32, i64, i64, i64, p, p, p, p, i64, i64, p, i32, i32]
     lib.sq_lut4_linear.restype = i32
-    lib.sq_lut4_dequantize.argtypes = [p, p, p, i64, i64, i64, p, i32, i32]
+    lib.sq_lut4_dequantize.argtypes = [p, p, p, p, i64, i64, i64, p, i32, i32]
     lib.sq_lut4_dequantize.restype = i32
     return lib, None
 
@@ -64,11 +65,18 @@ def unavailable_reason() -> Optional[str]:
     return reason
 
 
-def _raw(qweight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor):
+def _raw(qweight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, zero: Optional[torch.Tensor]):
     """The C code reads raw CPU memory: make sure it gets contiguous uint8 / fp32 tensors (no-ops when they are)."""
     if qweight.dtype != torch.uint8 or qweight.device.type != "cpu":
         raise TypeError(f"lut4 kernel needs uint8 CPU codes, got {qweight.dtype} on {qweight.device}")
-    return qweight.contiguous(), absmax.float().contiguous(), table.float().contiguous()
+    if zero is not None and (zero.dtype != torch.uint8 or zero.numel() != absmax.numel()):
+        raise TypeError(f"lut4 kernel needs one uint8 zero point per block, got {zero.dtype} {tuple(zero.shape)}")
+    return (qweight.contiguous(), absmax.float().contiguous(), table.float().contiguous(),
+            None if zero is None else zero.contiguous())
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
 
 
 def _check(rc: int) -> None:
@@ -77,12 +85,13 @@ def _check(rc: int) -> None:
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
-           group_size: int) -> torch.Tensor:
-    """x [..., K] (fp32/bf16/fp16) @ W^T → [..., N] in x's dtype; W = table[codes] * absmax per block."""
+           group_size: int, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] (fp32/bf16/fp16) @ W^T → [..., N] in x's dtype; W = (table[codes] - zero) * absmax per block
+    (``zero``: uint8 per block, or None for none)."""
     lib, reason = _library()
     if lib is None:
         raise RuntimeError(f"sat_quant lut4 kernel unavailable: {reason}")
-    qweight, absmax, table = _raw(qweight, absmax, table)
+    qweight, absmax, table, zero = _raw(qweight, absmax, table, zero)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     x2 = x.reshape(-1, k)
     if x2.dtype not in _DTYPES:
@@ -90,25 +99,27 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, table: 
     x2 = x2.contiguous()
     m = x2.shape[0]
     if m > DEQUANT_ROWS:
-        return torch.nn.functional.linear(x2, dequantize(qweight, absmax, table, group_size, x2.dtype)) \
+        return torch.nn.functional.linear(x2, dequantize(qweight, absmax, table, group_size, x2.dtype, zero)) \
             .to(x.dtype).reshape(*x.shape[:-1], n)
     y = torch.empty(m, n, dtype=x2.dtype)
     if m:
         code = _DTYPES[x2.dtype]
         _check(lib.sq_lut4_linear(x2.data_ptr(), code, m, k, k, qweight.data_ptr(), absmax.data_ptr(),
-                                  table.data_ptr(), n, group_size, y.data_ptr(), code, torch.get_num_threads()))
+                                  table.data_ptr(), _ptr(zero), n, group_size, y.data_ptr(), code,
+                                  torch.get_num_threads()))
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def dequantize(qweight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, group_size: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [N, K] weight in ``dtype``: the reference's values (fp32 product, then one rounding to ``dtype``)."""
+               dtype: torch.dtype = torch.float32, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The [N, K] weight in ``dtype``: the reference's values (fp32 (table - zero) * absmax, then one rounding to
+    ``dtype``)."""
     lib, reason = _library()
     if lib is None:
         raise RuntimeError(f"sat_quant lut4 kernel unavailable: {reason}")
-    qweight, absmax, table = _raw(qweight, absmax, table)
+    qweight, absmax, table, zero = _raw(qweight, absmax, table, zero)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     w = torch.empty(n, k, dtype=dtype)
-    _check(lib.sq_lut4_dequantize(qweight.data_ptr(), absmax.data_ptr(), table.data_ptr(), n, k, group_size,
-                                  w.data_ptr(), _DTYPES[dtype], torch.get_num_threads()))
+    _check(lib.sq_lut4_dequantize(qweight.data_ptr(), absmax.data_ptr(), table.data_ptr(), _ptr(zero), n, k,
+                                  group_size, w.data_ptr(), _DTYPES[dtype], torch.get_num_threads()))
     return w
