@@ -178,7 +178,10 @@ def _plain(value):
     if isinstance(value, KernelRoutedWeight):
         return value.as_subclass(torch.Tensor)
     if isinstance(value, (tuple, list)):
-        return type(value)(_plain(v) for v in value)
+        items = [_plain(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value  # untouched: a torch.Size or a named tuple stays what it is
+        return list(items) if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value

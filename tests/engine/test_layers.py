@@ -59,7 +59,8 @@ def test_linear_over_weight_runs_the_kernel(fmt_name):
     weight = layer.weight
     plain = layer.dequantized_weight()
     assert torch.equal(weight, plain) and weight.shape == (128, 256)
-    for derived in (weight.float(), weight * 2, weight.t(), weight.detach(), weight.data, torch.cat([weight, weight])):
+    for derived in (weight.float(), weight * 2, weight.t(), weight.detach(), weight.data, torch.cat([weight, weight]),
+                    weight.reshape(torch.Size([256, 128])), torch.stack((weight, weight))):
         assert type(derived) is torch.Tensor  # nothing downstream inherits the routing
     assert torch.equal(x.float() @ weight.float().t(), x.float() @ plain.float().t())
     with pytest.raises(RuntimeError):  # a wrong width is F.linear's own error, not a kernel crash

@@ -13,7 +13,8 @@ from sat_quant.engine.backends import BACKENDS, prefill
 from sat_quant.engine.layers import QuantLinear
 from tests.engine.test_backends import weights
 
-# every CPU (format, backend) pair; the lut backend's tiles come from the neutral layout, which needs no AVX-512
+# every CPU (format, backend) pair; the lut backend's tiles come from its C++ dequantizer (from the neutral layout
+# where the CPU has no AVX-512)
 PAIRS = [("int8", "torch"), ("int4", "torch"), ("int4", "lut"), ("int4c", "torch"), ("nf4", "lut"), ("fp4", "lut"),
          ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"), ("int4", "reference")]
 

@@ -14,14 +14,17 @@ from typing import Optional
 import torch
 
 from ..formats import LayerSpec, WeightFormat
+from ..kernels.lut4 import DEQUANT_ROWS
 from .base import Backend, KernelTensors, cached, pad_activation
+from .prefill import WeightTiles, rows_per_tile
 
 
 class LutCpuBackend(Backend):
     name = "lut"
-    # Set high on purpose: the kernel needs AVX-512 and no such machine measured the crossover yet (benchmarks/RESULTS.md
-    # "Prefill" says where it was measured); at batch 16 it runs at 2.7x bf16 dense.
-    prefill_rows = {("codebook4", "cpu"): 512, ("int4_affine", "cpu"): 512}
+    # From 64 rows (where lut4.linear itself would dequantize the whole weight) tiles from the C++ dequantizer and a
+    # dense GEMM: tiles reuse memory, a whole fresh weight page-faults (measured on a 2-core AVX512-BF16 CPU:
+    # 4096x4096 to bf16 in 2.6 ms as 512-row tiles, 15 ms at once; benchmarks/RESULTS.md "Prefill").
+    prefill_rows = {("codebook4", "cpu"): DEQUANT_ROWS, ("int4_affine", "cpu"): DEQUANT_ROWS}
 
     def unsupported_reason(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> Optional[str]:
         if fmt.kernel_layout == "int4_affine":
@@ -46,12 +49,30 @@ class LutCpuBackend(Backend):
 
     def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         from ..kernels import lut4
-        if fmt.kernel_layout == "int4_affine":
-            table = cached(kernel, "_table", lambda: torch.arange(16, dtype=torch.float32))
-            return lut4.linear(pad_activation(x, spec), kernel["qweight"], kernel["absmax"], table, spec.group_size,
-                               kernel["zero"])
-        table = cached(kernel, "_table", lambda: fmt.table_tensor())
-        return lut4.linear(pad_activation(x, spec), kernel["qweight"], kernel["absmax"], table, spec.group_size)
+        return lut4.linear(pad_activation(x, spec), kernel["qweight"], kernel["absmax"], _table(fmt, kernel),
+                           spec.group_size, kernel.get("zero"))
+
+    def weight_tiles(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors, dtype: torch.dtype) -> WeightTiles:
+        """Row tiles dequantized by the C++ kernel straight from the tensors it holds (the same values as the
+        format's own dequantize, bitwise; several times faster than torch ops)."""
+        from ..kernels import lut4
+        if lut4.unavailable_reason() is not None:  # only reached by tests on a CPU the kernel cannot run on
+            yield from super().weight_tiles(fmt, spec, kernel, dtype)
+            return
+        table, zero = _table(fmt, kernel), kernel.get("zero")
+        step = rows_per_tile(spec.out_features, spec.padded_in_features, dtype)
+        for start in range(0, spec.out_features, step):
+            stop = min(start + step, spec.out_features)
+            tile = lut4.dequantize(kernel["qweight"][start:stop], kernel["absmax"][start:stop], table, spec.group_size,
+                                   dtype, None if zero is None else zero[start:stop])
+            yield start, stop, tile[:, :spec.in_features]
+
+
+def _table(fmt: WeightFormat, kernel: KernelTensors) -> torch.Tensor:
+    """The 16 values codes index: the format's table (nf4/fp4), or 0..15 for int4 (its zero points apart)."""
+    if fmt.kernel_layout == "int4_affine":
+        return cached(kernel, "_table", lambda: torch.arange(16, dtype=torch.float32))
+    return cached(kernel, "_table", lambda: fmt.table_tensor())
 
 
 def _plain_int4(fmt: WeightFormat, spec: LayerSpec) -> bool:
