@@ -166,6 +166,12 @@ def _default_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         is_causal = True
     else:
         return None
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # one new token (decode), half precision: torch's CPU flash-attention kernel is several times slower here
+        # than two matmuls (bf16 over a 1,254-position cache, 32 heads: 8.8 vs 1.4 ms; in float32 it is the faster
+        # one). SAT's own standard_attention math, with the softmax in float32.
+        scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0,
                                                             is_causal=is_causal)
 
