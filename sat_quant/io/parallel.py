@@ -36,7 +36,11 @@ def packed_kinds(weight_kind: Kind, fmt, spec, prefix: str) -> Dict[str, Kind]:
     if weight_kind[0] == "row" and spec.padding:  # zero-padded rows: a cut would land inside the padding's groups
         return {prefix + n: ("row-padded", 1) for n in fmt.layout(spec)}
     replicated = set(fmt.per_row_tensors) if weight_kind[0] == "row" and fmt.shares_row_stats else set()
-    return {prefix + n: (("row-replicated", 1) if n in replicated else weight_kind) for n in fmt.layout(spec)}
+    kinds = {prefix + n: (("row-replicated", 1) if n in replicated else weight_kind) for n in fmt.layout(spec)}
+    if fmt.input_scale_tensor is not None:  # one value per input column: whole on column-parallel ranks (shared,
+        # see QuantColumnParallelLinear.quantize_weight_), cut with the columns on row-parallel ones
+        kinds[prefix + fmt.input_scale_tensor] = ("input-replicated", 1) if weight_kind[0] == "column" else ("input", 1)
+    return kinds
 
 
 def tensor_kinds(model: nn.Module) -> Dict[str, Kind]:
@@ -82,8 +86,12 @@ def lora_kinds(kinds: Dict[str, Kind], layer_names) -> Dict[str, Kind]:
 def split(t: torch.Tensor, kind: Kind, parts: int) -> List[torch.Tensor]:
     """One tensor → ``parts`` partitions, as SAT's ``partition`` would cut the weight it belongs to."""
     how, stride = kind
-    if parts == 1 or how == "row-replicated":
+    if parts == 1 or how in ("row-replicated", "input-replicated"):
         return [t] * parts
+    if how == "input":
+        if t.shape[0] % parts:
+            raise CheckpointError(f"cannot split {t.shape[0]} input columns into {parts} model-parallel parts")
+        return [c.contiguous() for c in torch.chunk(t, parts, dim=0)]
     if how == "row-padded":
         raise CheckpointError(f"cannot split a row-parallel layer stored zero-padded to whole groups ({t.shape[1]} "
                               f"packed columns) into {parts} model-parallel parts; keep model-parallel size 1, or "
@@ -113,6 +121,13 @@ def merge(shards: Sequence[torch.Tensor], kind: Kind) -> torch.Tensor:
             raise CheckpointError("row-parallel int8 shards carry different per-row scales (not written by "
                                   "sat_quant's model-parallel quantization); re-convert from full precision.")
         return shards[0]
+    if how == "input-replicated":
+        if not all(torch.equal(shards[0], s) for s in shards[1:]):
+            raise CheckpointError("column-parallel shards carry different per-input-column scales (col_scale; not "
+                                  "written by sat_quant's model-parallel quantization); re-convert from full precision.")
+        return shards[0]
+    if how == "input":
+        return torch.cat(list(shards), dim=0)
     if how == "row-padded":
         raise CheckpointError("row-parallel shards of a layer stored zero-padded to whole groups cannot be merged "
                               "(sat_quant never writes them); re-convert from full precision.")
@@ -148,6 +163,8 @@ class ReshardedSource:
                     shape[0] = shape[0] * m // n
                 elif how == "row":
                     shape[1] = shape[1] * m // n
+                elif how == "input":
+                    shape[0] = shape[0] * m // n
                 layout[name] = (tuple(shape), dtype)
             self._layout = layout
         return self._layout

@@ -24,7 +24,7 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # no argparse choices for formats and backends: listing them would import torch (slow --help); an unknown
     # name is refused by QuantConfig.validate with the list of known ones
     add("--quant-format", type=str, default=None,
-        help="weight format (int8, int4, int4c, nf4, fp4, ...); default int8 for --quant 8, int4 (grouped) for --quant 4")
+        help="weight format (int8, int4, int4c, int4cs, nf4, fp4, ...); default int8 for --quant 8, int4 (grouped) for --quant 4")
     add("--quant-group-size", type=int, default=None, help="input columns per scale group (4-bit formats)")
     add("--quant-skip", type=str, nargs="*", default=[],
         help="glob patterns of module names kept in full precision, e.g. '*.vit_model.*'")

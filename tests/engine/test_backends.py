@@ -14,7 +14,7 @@ from sat_quant.engine.backends.torch_native import (
 from sat_quant.engine.formats import pack_nibbles
 from tests.conftest import needs_avx512
 
-FAST_PAIRS = [("int8", "torch"), ("int4", "torch"), ("int4c", "torch"), ("nf4", "lut"), ("fp4", "lut"),
+FAST_PAIRS = [("int8", "torch"), ("int4", "torch"), ("int4c", "torch"), ("int4cs", "torch"), ("nf4", "lut"), ("fp4", "lut"),
               ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes")]
 FAST = [pytest.param(*pair, marks=needs_avx512) if pair[1] == "lut" else pair for pair in FAST_PAIRS]
 # Output tolerance relative to max|y|. torch's CPU kernels take bf16 activations (sat_quant casts, see
@@ -52,7 +52,7 @@ def test_fast_kernel_matches_reference(fmt_name, backend_name, kind, dtype, batc
     kernel = backend.prepare(fmt, spec, neutral)
     x = torch.randn(batch, 3, k).to(dtype)
     y = backend.linear(x, fmt, spec, kernel)
-    ref = BACKENDS["reference"].linear(x.float(), fmt, spec, neutral)
+    ref = BACKENDS["reference"].linear(x.float(), fmt, spec, dict(neutral))
     assert y.dtype == dtype and y.shape == (batch, 3, n)
     err = (y.float() - ref).abs().max().item()
     assert err <= RTOL[backend_name][dtype] * ref.abs().max().item() + 1e-6, err
@@ -74,7 +74,7 @@ def test_cpu_int4_layout_probe_matches_torch_packing():
     assert torch.equal(_cpu_unpack_neutral(packed, block_n * 3, 96, block_n), neutral)
 
 
-@pytest.mark.parametrize("fmt_name", ["int8", "int4", "int4c", "nf4", "fp4"])
+@pytest.mark.parametrize("fmt_name", ["int8", "int4", "int4c", "int4cs", "nf4", "fp4"])
 def test_auto_picks_a_kernel_not_the_reference_on_cpu(fmt_name):
     fmt = get_format(fmt_name)
     assert select_backend("auto", fmt, fmt.spec(4096, 4096), "cpu").name != "reference"
@@ -108,7 +108,7 @@ def test_cuda_kernels_match_reference(fmt_name, backend_name):
     kernel = backend.prepare(fmt, spec, neutral)
     x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
     y = backend.linear(x, fmt, spec, kernel)
-    ref = BACKENDS["reference"].linear(x.float(), fmt, spec, neutral)
+    ref = BACKENDS["reference"].linear(x.float(), fmt, spec, dict(neutral))
     assert (y.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
 
 
@@ -122,7 +122,7 @@ def test_odd_shapes_run_on_the_auto_backend_and_match_reference(fmt_name, n, k, 
     backend = select_backend("auto", fmt, spec, "cpu")
     kernel = backend.prepare(fmt, spec, neutral)
     x = torch.randn(3, k)
-    ref = BACKENDS["reference"].linear(x, fmt, spec, neutral)
+    ref = BACKENDS["reference"].linear(x, fmt, spec, dict(neutral))
     y = backend.linear(x, fmt, spec, kernel)
     assert (y - ref).abs().max() <= RTOL.get(backend.name, {torch.float32: 1e-5})[torch.float32] * ref.abs().max() + 1e-6
     assert all(torch.equal(v, neutral[key]) for key, v in backend.to_neutral(fmt, spec, kernel).items())

@@ -39,6 +39,7 @@ def test_layout_matches_quantized_tensors(name):
 # group's total error: its bound is the clipped part of the range (up to 2 * absmax) plus half a step.
 MAX_REL_ERROR = {"int8": 0.5 / 127 + 1e-6, "int4": 1.0 / 15 + 2e-3, "nf4": 0.31 / 2 + 1e-3, "fp4": 0.34 / 2 + 1e-3,
                  "int4c": 0.24 * 2 + 1.0 / 15 + 2e-3}
+MAX_REL_ERROR["int4cs"] = MAX_REL_ERROR["int4c"]  # measured on W / t, the weight its int4c codes hold
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
@@ -46,7 +47,11 @@ def test_round_trip_error_is_at_most_half_a_step(name):
     fmt = get_format(name)
     w = torch.randn(64, 512) * torch.logspace(-3, 1, 64)[:, None]  # rows with very different magnitudes
     spec = fmt.spec(64, 512)
-    back = fmt.dequantize(fmt.quantize(w, spec), spec)
+    tensors = fmt.quantize(w, spec)
+    back = fmt.dequantize(tensors, spec)
+    if fmt.input_scale_tensor is not None:  # W ≈ core * t: the core's error bound holds for W / t
+        t = fmt.input_scale(tensors)
+        w, back = w / t, back / t
     group = spec.group_size or 512
     absmax = w.abs().reshape(64, -1, group).amax(-1, keepdim=True)
     rel = ((back - w).abs().reshape(64, -1, group) / absmax).max().item()
@@ -62,10 +67,21 @@ def test_adversarial_weights(name):
     w[1, 7] = 50.0                   # one huge outlier
     w[2] = 3.0                       # constant row
     w[3] = -1e-4                     # tiny constant negative row
-    back = fmt.dequantize(fmt.quantize(w, spec), spec)
+    tensors = fmt.quantize(w, spec)
+    back = fmt.dequantize(tensors, spec)
     assert torch.isfinite(back).all()
     assert torch.equal(back[0], torch.zeros(256)), "a zero row must stay exactly zero"
-    assert abs(back[1, 7].item() - 50.0) / 50.0 < 0.01, "the outlier itself is kept"
+    # the outlier sets its group's range: it is kept to half a step (int4cs: its 4-bit scale code cannot fit the
+    # range exactly, so up to 1/30 of it; the others fit their scale to it)
+    assert abs(back[1, 7].item() - 50.0) / 50.0 < (1 / 30 if fmt.input_scale_tensor else 0.01), "the outlier is kept"
+    if fmt.input_scale_tensor is not None:
+        # int4cs stores W / t: a constant row of W is not constant there, so it gets int4c's error on W / t
+        t = fmt.input_scale(tensors)
+        for row in (2, 3):
+            core_w, core_back = w[row] / t, back[row] / t
+            span = core_w.reshape(-1, spec.group_size).abs().amax(-1, keepdim=True)
+            assert ((core_back - core_w).reshape(-1, spec.group_size).abs() <= span * MAX_REL_ERROR[name]).all()
+        return
     assert torch.allclose(back[2], w[2], rtol=1e-3), "a constant row is reproduced"
     assert torch.allclose(back[3], w[3], rtol=2e-3, atol=1e-7)
 
@@ -199,7 +215,13 @@ def test_declared_abilities_match_what_the_format_does(fmt_name):
         scale, zero = fmt.affine_groups(tensors, spec)
         codes = unpack_nibbles(tensors["qweight"]).float().reshape(64, spec.num_groups, -1)
         rebuilt = ((codes - zero[..., None]) * scale[..., None]).reshape(64, 256)
-        torch.testing.assert_close(rebuilt, fmt.dequantize(tensors, spec))
+        torch.testing.assert_close(rebuilt, fmt.dequantize_core(tensors, spec))
+    if fmt.input_scale_tensor is None:
+        assert torch.equal(fmt.dequantize_core(tensors, spec), fmt.dequantize(tensors, spec))
+    else:  # the kernels multiply the activations by it: one value per input column, and W = core * t
+        assert layout[fmt.input_scale_tensor][0] == (spec.in_features,)
+        t = fmt.input_scale(tensors)
+        torch.testing.assert_close(fmt.dequantize_core(tensors, spec) * t, fmt.dequantize(tensors, spec))
     if fmt.calibratable:  # GPTQ against an identity Hessian stays in the same layout
         calibrated = fmt.quantize(w, spec, hessian=torch.eye(256))
         assert {k: (tuple(v.shape), v.dtype) for k, v in calibrated.items()} == dict(layout)

@@ -15,8 +15,8 @@ from tests.engine.test_backends import weights
 
 # every CPU (format, backend) pair; the lut backend's tiles come from its C++ dequantizer (from the neutral layout
 # where the CPU has no AVX-512)
-PAIRS = [("int8", "torch"), ("int4", "torch"), ("int4", "lut"), ("int4c", "torch"), ("nf4", "lut"), ("fp4", "lut"),
-         ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"), ("int4", "reference")]
+PAIRS = [("int8", "torch"), ("int4", "torch"), ("int4", "lut"), ("int4c", "torch"), ("int4cs", "torch"), ("nf4", "lut"),
+         ("fp4", "lut"), ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"), ("int4", "reference")]
 
 
 def prepared(fmt_name, backend_name, n, k, group=None):
@@ -40,7 +40,7 @@ def test_tiles_rebuild_the_formats_own_dequantized_weight(monkeypatch, fmt_name,
     assert [t[0] for t in tiles] == [0] + [t[1] for t in tiles[:-1]] and tiles[-1][1] == n  # every row once, in order
     rebuilt = torch.cat([w for _, _, w in tiles])
     assert rebuilt.dtype == dtype and rebuilt.shape == (n, k)
-    assert torch.equal(rebuilt, fmt.dequantize(neutral, spec, dtype))
+    assert torch.equal(rebuilt, fmt.dequantize_core(neutral, spec, dtype))  # int4cs: W / t (x * t runs before)
 
 
 def test_int4_cpu_tiles_read_the_kernel_bytes_not_a_neutral_copy(monkeypatch):
@@ -51,7 +51,7 @@ def test_int4_cpu_tiles_read_the_kernel_bytes_not_a_neutral_copy(monkeypatch):
     assert torch.equal(rebuilt, fmt.dequantize(neutral, spec))
 
 
-@pytest.mark.parametrize("fmt_name,backend_name", [("int4", "torch"), ("int4c", "torch"), ("int8", "torch"),
+@pytest.mark.parametrize("fmt_name,backend_name", [("int4", "torch"), ("int4c", "torch"), ("int4cs", "torch"), ("int8", "torch"),
                                                    ("nf4", "bitsandbytes")])
 def test_linear_switches_to_the_prefill_path_at_the_backends_row_count(fmt_name, backend_name):
     fmt, spec, neutral, backend, kernel = prepared(fmt_name, backend_name, 128, 256)
@@ -60,11 +60,13 @@ def test_linear_switches_to_the_prefill_path_at_the_backends_row_count(fmt_name,
     for rows in (threshold - 1, threshold):
         x = torch.randn(rows, 256).to(torch.bfloat16)
         y = backend.linear(x, fmt, spec, kernel)
+        # int4cs: linear multiplies the activations by the column scale before either path
+        xs = x if fmt.input_scale_tensor is None else x * fmt.input_scale(neutral).to(x.dtype)
         if rows < threshold:
-            assert torch.equal(y, backend.kernel_linear(x, fmt, spec, kernel))
+            assert torch.equal(y, backend.kernel_linear(xs, fmt, spec, kernel))
         else:
             dtype = prefill.gemm_dtype(x)
-            assert torch.equal(y, prefill.tiled_linear(x, 128, backend.weight_tiles(fmt, spec, kernel, dtype), dtype))
+            assert torch.equal(y, prefill.tiled_linear(xs, 128, backend.weight_tiles(fmt, spec, kernel, dtype), dtype))
         ref = F.linear(x.float(), w)
         assert (y.float() - ref).abs().max() <= 1.6e-2 * ref.abs().max()
 

@@ -37,12 +37,21 @@ def test_ragged_layer_is_the_zero_padded_layer_cut_back(name, k, group):
     assert spec.padded_in_features == -(-k // group) * group and spec.padding == spec.padded_in_features - k > 0
     w = _weight(64, k)
     tensors = fmt.quantize(w, spec)
-    reference = fmt.quantize(torch.nn.functional.pad(w, (0, spec.padding)), padded)
-    assert set(tensors) == set(reference) and all(torch.equal(tensors[t], reference[t]) for t in tensors)
+    scaled = fmt.input_scale_tensor
+    if scaled is None:
+        reference = fmt.quantize(torch.nn.functional.pad(w, (0, spec.padding)), padded)
+    else:  # int4cs: t belongs to the real columns (the pad columns' inputs are zero: their t is 1 and unused)
+        t = fmt.input_scale(tensors)
+        reference = fmt.quantize(torch.nn.functional.pad(w, (0, spec.padding)), padded,
+                                 col_scale=torch.nn.functional.pad(t, (0, spec.padding), value=1.0))
+        assert torch.equal(reference[scaled][:k], tensors[scaled])
+    assert set(tensors) == set(reference)
+    assert all(torch.equal(tensors[t], reference[t]) for t in tensors if t != scaled)
     for t, (shape, dtype) in fmt.layout(spec).items():
         assert tuple(tensors[t].shape) == tuple(shape) and tensors[t].dtype == dtype
     assert fmt.layout(spec)["qweight"][0] == (64, spec.padded_in_features // 2)
-    assert fmt.nbytes(spec) == fmt.nbytes(padded)  # the estimator and the report count the padded bytes
+    # the estimator and the report count the padded bytes (int4cs's column scale has one value per real column)
+    assert fmt.nbytes(spec) == fmt.nbytes(padded) - (spec.padding if scaled else 0)  # int4cs: 1 byte per column
     back = fmt.dequantize(tensors, spec)
     assert back.shape == (64, k)
     assert torch.equal(back, fmt.dequantize(reference, padded)[:, :k])
@@ -59,7 +68,7 @@ def test_every_backend_runs_a_ragged_layer_like_the_reference(name, dtype):
     spec = fmt.spec(128, 2730, 64)
     neutral = fmt.quantize(_weight(128, 2730), spec)
     x = torch.randn(2, 3, 2730, generator=torch.Generator().manual_seed(1)).to(dtype)
-    ref = BACKENDS["reference"].linear(x.float(), fmt, spec, neutral)
+    ref = BACKENDS["reference"].linear(x.float(), fmt, spec, dict(neutral))  # kernels cache casts in their dict
     ran = []
     for backend in BACKENDS.values():
         if backend.unsupported_reason(fmt, spec, torch.device("cpu")) is not None:

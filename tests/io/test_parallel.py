@@ -193,6 +193,50 @@ def test_offline_reshard_cli_matches_torchrun_shards(fp_models, mp_run, tmp_path
     assert r.returncode == 2 and "powers of two" in r.stderr
 
 
+def test_int4cs_column_scale_is_shared_by_column_parallel_ranks(fp_models, tmp_path):
+    """int4cs at mp=2: every rank quantizes its rows with the whole weight's column scale ``t`` (column statistics
+    all-reduced), so ranks hold the same ``t``, the shards merge bitwise into the mp=1 conversion, and an mp=1
+    int4cs checkpoint splits back into the same shards (``t`` copied whole to every column-parallel rank)."""
+    import json
+
+    from sat_quant.tools.convert import convert
+    from sat_quant.tools.reshard import reshard
+    fp_dir, _ = _mp_fixture(fp_models, tmp_path)
+    plan = {"*.query_key_value": "int4cs", "*.dense_h_to_4h": "int4cs"}  # column-parallel; int4 elsewhere
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    convert(fp_dir, str(tmp_path / "q1cs"), QuantConfig(bits=4, plan=plan), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = torchrun("mp_int4cs_worker.py", fp_dir, str(plan_path), str(out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert torch.equal(torch.load(out / "col_scale_rank0.pt"), torch.load(out / "col_scale_rank1.pt"))
+    from safetensors.torch import load_file
+    q1 = load_file(tmp_path / "q1cs" / "1" / "mp_rank_00_model_states.safetensors")
+    name = "transformer.layers.0.attention.query_key_value.col_scale"
+    assert torch.equal(torch.load(out / "col_scale_rank0.pt"), q1[name]), "mp=2's t is mp=1's t"
+    _, _, inputs, _ = fp_models["gpt2"]
+    reference, _ = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], str(tmp_path / "q1cs"))
+    expected = run_logits(reference.eval(), inputs)
+    assert ((torch.load(out / "int4cs_mp2.pt") - expected).norm() / expected.norm()).item() < 0.02
+    merged, _ = sat_quant.from_pretrained(SAT_MODELS["gpt2"][0], str(out / "q-int4cs-mp2"),
+                                          overwrite_args={"model_parallel_size": 1})
+    assert torch.equal(run_logits(merged.eval(), inputs), expected), "mp=2 shards merge into the mp=1 model"
+    reshard(str(tmp_path / "q1cs"), str(tmp_path / "to2"), 2)
+    for rank in (0, 1):
+        ours = load_file(tmp_path / "to2" / "1" / f"mp_rank_{rank:02d}_model_states.safetensors")
+        theirs = load_file(out / "q-int4cs-mp2" / "1" / f"mp_rank_{rank:02d}_model_states.safetensors")
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_column_parallel_shards_with_different_column_scales_refuse_to_merge():
+    t = torch.rand(64).half()
+    assert torch.equal(merge(split(t, ("input-replicated", 1), 2), ("input-replicated", 1)), t)
+    assert [p.shape[0] for p in split(t, ("input", 1), 2)] == [32, 32]
+    with pytest.raises(sat_quant.CheckpointError, match="different per-input-column scales"):
+        merge([t, t * 2], ("input-replicated", 1))
+
+
 def test_tiny_cogvlm_quantized_at_model_parallel_2(tmp_path):
     """The real CogVLMModel (EVA tower, GLU adapter, visual expert) at mp=2: each rank quantizes its partition."""
     from sat.training.model_io import save_checkpoint as sat_save

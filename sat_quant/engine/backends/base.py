@@ -42,7 +42,12 @@ class Backend(ABC):
         return {k: v for k, v in kernel.items() if not k.startswith("_")}
 
     def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
-        """x [..., in] → x @ W^T [..., out] in x's dtype, without bias: the kernel, or the prefill path for many rows."""
+        """x [..., in] → x @ W^T [..., out] in x's dtype, without bias: the kernel, or the prefill path for many rows.
+
+        A format with an ``input_scale_tensor`` (int4cs) has its activations multiplied by it here, once for every
+        backend: kernels and tiles then run on the format's ``dequantize_core``."""
+        if fmt.input_scale_tensor is not None:
+            x = x * cached(kernel, f"_input_scale_{str(x.dtype)[6:]}", lambda: fmt.input_scale(kernel).to(x.dtype))
         if self.takes_prefill_path(x, fmt):
             dtype = gemm_dtype(x)
             return tiled_linear(x, spec.out_features, self.weight_tiles(fmt, spec, kernel, dtype), dtype)
@@ -61,11 +66,13 @@ class Backend(ABC):
         format's neutral tensors are row-major: row slices dequantize on their own). Backends whose kernel layout
         needs a costly ``to_neutral`` override this to dequantize straight from it."""
         neutral = self.to_neutral(fmt, spec, kernel)
+        if fmt.input_scale_tensor is not None:  # per input column, not per row: dequantize_core does not read it
+            neutral.pop(fmt.input_scale_tensor)
         step = rows_per_tile(spec.out_features, spec.padded_in_features, dtype)
         for start in range(0, spec.out_features, step):
             stop = min(start + step, spec.out_features)
             part = {name: t[start:stop] for name, t in neutral.items()}
-            yield start, stop, fmt.dequantize(part, dataclasses.replace(spec, out_features=stop - start), dtype)
+            yield start, stop, fmt.dequantize_core(part, dataclasses.replace(spec, out_features=stop - start), dtype)
 
 
 def pad_activation(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
@@ -81,3 +88,4 @@ def cached(kernel: KernelTensors, key: str, make) -> torch.Tensor:
         t = make()
         kernel[key] = t
     return t
+

@@ -21,4 +21,4 @@ class ReferenceBackend(Backend):
         return None
 
     def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
-        return F.linear(x, fmt.dequantize(kernel, spec, dtype=x.dtype))
+        return F.linear(x, fmt.dequantize_core(self.to_neutral(fmt, spec, kernel), spec, dtype=x.dtype))

@@ -159,7 +159,8 @@ class TorchNativeBackend(Backend):
             return
         # straight from the CPU kernel's bytes: whole blocks of BN rows are a contiguous slice of them
         block_n, k = cpu_int4_block_n(), spec.padded_in_features
-        groups = {name: t for name, t in kernel.items() if not name.startswith("_") and name != "packed"}
+        groups = {name: t for name, t in kernel.items()
+                  if not name.startswith("_") and name not in ("packed", fmt.input_scale_tensor)}
         step = rows_per_tile(spec.out_features, k, dtype, multiple=block_n)
         for start in range(0, spec.out_features, step):
             stop = min(start + step, spec.out_features)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from ...errors import QuantConfigError
-from . import float4, int4, int4c, int8  # noqa: F401  (each registers its formats)
+from . import float4, int4, int4c, int4cs, int8  # noqa: F401  (each registers its formats)
 from .base import FORMATS, LayerSpec, WeightFormat, pack_nibbles, register_format, unpack_nibbles
 
 #: what ``--quant 8`` / ``--quant 4`` pick without ``--quant-format``

@@ -70,6 +70,9 @@ class WeightFormat(ABC):
     #: ``quantize(..., row_absmax=...)`` takes the whole row's statistic, so row-parallel shards store identical
     #: per-row tensors; formats with per-row tensors and without it cannot be quantized on row-parallel shards
     shares_row_stats: ClassVar[bool] = False
+    #: a tensor of shape [in] the activations are multiplied by before the kernel (``int4cs``'s column scale):
+    #: kernels hold ``dequantize_core`` and compute ``(x * t) @ core^T``; ``dequantize`` returns ``core * t``
+    input_scale_tensor: ClassVar[Optional[str]] = None
 
     def affine_groups(self, tensors: Dict[str, torch.Tensor], spec: "LayerSpec") -> Tuple[torch.Tensor, torch.Tensor]:
         """float32 [out, G] scale and zero-point with ``w = (q - zero) * scale`` (``kernel_layout == "int4_affine"``)."""
@@ -107,6 +110,16 @@ class WeightFormat(ABC):
     def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Plain-torch reference reconstruction of the [out, in] weight; every backend is tested against it."""
+
+    def dequantize_core(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [out, in] weight the kernels multiply ``x * input_scale`` by: ``dequantize`` for every format without
+        an ``input_scale_tensor``."""
+        return self.dequantize(tensors, spec, dtype)
+
+    def input_scale(self, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """float32 [in]: what the activations are multiplied by (formats with an ``input_scale_tensor``)."""
+        return tensors[self.input_scale_tensor].float()
 
     def nbytes(self, spec: LayerSpec) -> int:
         """Bytes the neutral tensors of one layer occupy."""

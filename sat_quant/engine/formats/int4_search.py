@@ -24,8 +24,10 @@ What else was tried for int4c group 64 (issue 15; same benchmark, every linear, 
 - importance from the weights alone (columns' std^-b, b = 0.5..2, standing in for diag(H)): 0.9706-0.9710;
 - :func:`column_scales` (SINQ's two-axis balancing; the row axis is what int4c's row scale already is):
   0.9759 data-free, 0.9876 with GPTQ (against ``t H t``), for 16 more bits per input column (4.24 bits/param
-  on MiniLM). The only new degree of freedom that paid; it needs ``x * t`` on the activations at run time,
-  which no backend applies yet, so it is measured by simulation (``benchmarks/accuracy.py``), not a format.
+  on MiniLM). The only new degree of freedom that paid; it needs ``x * t`` on the activations at run time:
+  the ``int4cs`` format (:mod:`.int4cs`) stores it, and ``Backend.linear`` applies it before any kernel.
+  Once rows and columns are balanced, a 4-bit group-scale code loses nothing measurable (group 64: 0.9761 vs
+  0.9759 with 8 bits), so int4cs spends one byte per group and affords group 32: 0.9811 at 4.29 bits/param.
   Why it works here: a column's weight spread anti-correlates with its input's mean square (log-log
   correlation -0.7 to -0.9 on MiniLM's MLP-up inputs, +0.2 to -0.8 on QKV), so evening the columns spends
   precision on the hot inputs. With group 32 on the last two blocks' QKV and MLP-up: 0.9784 at 4.28; group 32
@@ -112,7 +114,7 @@ def search_scale_zero(w3: torch.Tensor, round_scale: ScaleRounder, importance: O
     return best_scale, best_zero
 
 
-def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS) -> torch.Tensor:
+def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, group=None) -> torch.Tensor:
     """float32 [k] per-input-column scales ``t`` (geometric mean 1) that balance ``weight`` [n, k] (SINQ, Müller et al.
     2025): ``weight / t`` has columns and rows of more even spread, and ``weight ≈ Q(weight / t) * t``.
 
@@ -120,21 +122,48 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS) -> torc
     standard deviation; keep the column factors of the iterate whose largest-to-smallest std ratio (over rows and
     columns) is least. Row factors are not returned: a grouped format's own row/group scales absorb them. Applying
     ``t`` needs ``x * t`` on the activations at run time (the matmul then uses ``weight / t``'s codes).
+
+    ``group``: a torch.distributed process group whose ranks each hold some rows of one weight (SAT's
+    column-parallel shards); column sums and the score are all-reduced over it, so every rank gets the ``t`` of the
+    whole weight. Sums run in float64, so the row order (and thus the sharding) does not change the result.
     """
-    w = weight.detach().float()
-    log_c = torch.zeros(w.shape[1], device=w.device)
-    log_r = torch.zeros(w.shape[0], 1, device=w.device)
+    w = weight.detach().double()
+
+    def total(t: torch.Tensor, op=None) -> torch.Tensor:
+        if group is not None:
+            torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM, group=group)
+        return t
+
+    rows_total = float(total(torch.tensor([float(w.shape[0])], dtype=torch.float64, device=w.device))[0])
+    if rows_total < 2:  # one row has no column spread
+        return torch.ones(w.shape[1], device=w.device)
+
+    def column_std(m: torch.Tensor) -> torch.Tensor:
+        s = total(torch.stack([m.sum(dim=0), m.square().sum(dim=0)]))
+        return ((s[1] - s[0].square() / rows_total) / (rows_total - 1)).clamp(min=0).sqrt()
+
+    def extremes(values: torch.Tensor) -> torch.Tensor:  # (max, min) over every rank's live values
+        if values.numel() == 0:
+            pair = torch.tensor([-float("inf"), -float("inf")], dtype=torch.float64, device=w.device)
+        else:
+            pair = torch.stack([values.max(), -values.min()])
+        return total(pair, torch.distributed.ReduceOp.MAX if group is not None else None)
+
+    log_c = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+    log_r = torch.zeros(w.shape[0], 1, dtype=torch.float64, device=w.device)
     rows = w.std(dim=1)  # the iterate's row spreads: the weight's own at first, exactly 1 once rows are divided
     live_rows = rows > 0  # constant rows and columns (all-zero ones) keep factor 1 and are left out of the score
     best, best_c = float("inf"), log_c
     for step in range(steps + 1):
         # std of a column of w / (r c) is c_j^-1 * std(w / r): two passes over the weight per step, not six
-        cols = (w * (-log_r).exp()).std(dim=0) * (-log_c).exp()
+        cols = column_std(w * (-log_r).exp()) * (-log_c).exp()
         live_cols = cols > 0
-        spread = torch.cat([cols[live_cols], rows[live_rows]])
-        if spread.numel() == 0:
+        col_hi, col_lo = extremes(cols[live_cols]).tolist()
+        row_hi, row_lo = extremes(rows[live_rows]).tolist()
+        hi, lo = max(col_hi, row_hi), -max(col_lo, row_lo)
+        if hi == -float("inf"):  # nothing live anywhere
             break
-        score = float(spread.max() / spread.min())
+        score = hi / lo
         if score < best:
             best, best_c = score, log_c.clone()
         if step == steps:
@@ -143,7 +172,7 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS) -> torc
         row_std = (w * (-log_c).exp()).std(dim=1, keepdim=True) * (-log_r).exp()
         log_r = log_r + torch.where(row_std > 0, row_std, torch.ones_like(row_std)).log()
         rows = torch.ones_like(rows)
-    return (best_c - best_c.mean()).exp()
+    return (best_c - best_c.mean()).exp().float()
 
 
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, scale: torch.Tensor,
