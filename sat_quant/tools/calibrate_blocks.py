@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from ..errors import QuantConfigError
 from ..io.commit import remove_stale_temporaries
 from ..io.save import saved_tensors
 from ..sat.build import build_with_meta_linears
-from ..sat.compat import apply_cpu_compat
+from ..sat.compat import apply_cpu_compat, install_xformers_cpu_fallback
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def full_precision_skeleton(model_cls: type, args, source) -> nn.Module:
             for name, tensor in saved_tensors(module):
                 if not tensor.is_meta and pre + name in have:
                     tensor.copy_(source.get(pre + name))
-    apply_cpu_compat(model)
+    apply_cpu_compat(model)  # calibration runs on CPU: SAT's triton rotary and xformers' attention need CPU twins
+    if "xformers.ops" in sys.modules:  # the model's code imported it (CogVLM's EVA2-CLIP): route its CPU calls to SDPA
+        install_xformers_cpu_fallback()
     return model.eval()
 
 
