@@ -39,9 +39,10 @@ from ..engine.replace import plan_layers, quantize_
 from ..errors import QuantConfigError
 from .calibration import DEFAULT_MAX_HESSIAN_BYTES, iter_hessians, quantize_calibrated_
 
-# Candidates when none are given: the fast-kernel int4 (group 128), the compact int4c at groups 64 and 32 (group 32
-# costs 4.5 bits where a layer needs it: MiniLM calibrated at 5.0 bits 0.9932 with it, 0.9917 without) and int8.
-DEFAULT_CANDIDATES: Tuple[str, ...] = ("int4:128", "int4c:64", "int4c:32", "int8")
+# Candidates when none are given: the fast-kernel int4 (group 128; the lut kernel on AVX-512 CPUs), int4cs (SINQ
+# column scale) at groups 64 and 32, and int8. MiniLM, 128 calibration sentences: 4.3 bits 0.9923, 5.0 bits 0.9947
+# (with int4c:64/int4c:32 in int4cs's place, 32 sentences: 0.9881 / 0.9932; benchmarks/RESULTS.md).
+DEFAULT_CANDIDATES: Tuple[str, ...] = ("int4:128", "int4cs:64", "int4cs:32", "int8")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]+)\s*$", re.IGNORECASE)

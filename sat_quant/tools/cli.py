@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--quant-budget", required=True,
                      help="'5.0bpp' (bits/param of the quantized linears) or a model size: '500MB', '10GB', '9.5GiB'")
     pln.add_argument("--out", "-o", required=True, help="the plan JSON to write")
-    pln.add_argument("--candidates", nargs="+", default=["int4:128", "int4c:64", "int4c:32", "int8"],
+    pln.add_argument("--candidates", nargs="+", default=["int4:128", "int4cs:64", "int4cs:32", "int8"],
                      help="formats the planner may pick per layer, 'fmt[:group]' or 'fp'")
     pln.add_argument("--quant-skip", type=str, nargs="*", default=[], help="globs kept full precision, not planned")
     pln.add_argument("--quant-lm-head", action="store_true", help="plan the LM head too")

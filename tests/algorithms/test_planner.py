@@ -242,4 +242,4 @@ def test_the_cli_default_candidates_are_the_planners():
     from sat_quant.algorithms.planner import DEFAULT_CANDIDATES
     from sat_quant.tools.cli import build_parser
     ns = build_parser().parse_args(["plan", "src", "--quant-budget", "5bpp", "-o", "plan.json"])
-    assert tuple(ns.candidates) == DEFAULT_CANDIDATES and "int4c:32" in DEFAULT_CANDIDATES
+    assert tuple(ns.candidates) == DEFAULT_CANDIDATES and "int4cs:32" in DEFAULT_CANDIDATES

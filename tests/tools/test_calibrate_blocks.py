@@ -16,7 +16,7 @@ from tests.conftest import SAT_MODELS, model_inputs, sat_args, save_fp_with_sat
 CONFIGS = {
     "int4": QuantConfig(bits=4, group_size=64),
     "mixed": QuantConfig(bits=4, plan={"*.mlp.dense_4h_to_h": "int4c:64", "*.attention.query_key_value": "int8",
-                                       "*.layers.1.mlp.dense_h_to_4h": "fp"}),
+                                       "*.layers.1.mlp.dense_h_to_4h": "fp", "*.attention.dense": "int4cs:32"}),
 }
 
 

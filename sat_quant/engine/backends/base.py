@@ -88,4 +88,3 @@ def cached(kernel: KernelTensors, key: str, make) -> torch.Tensor:
         t = make()
         kernel[key] = t
     return t
-

@@ -125,9 +125,10 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
 
     ``group``: a torch.distributed process group whose ranks each hold some rows of one weight (SAT's
     column-parallel shards); column sums and the score are all-reduced over it, so every rank gets the ``t`` of the
-    whole weight. Sums run in float64, so the row order (and thus the sharding) does not change the result.
+    whole weight. Column sums accumulate in float64 (the weight and its temporaries stay float32), so the sharding
+    changes ``t`` by float64 rounding only, far below what a stored code resolves.
     """
-    w = weight.detach().double()
+    w = weight.detach().float()
 
     def total(t: torch.Tensor, op=None) -> torch.Tensor:
         if group is not None:
@@ -138,8 +139,8 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
     if rows_total < 2:  # one row has no column spread
         return torch.ones(w.shape[1], device=w.device)
 
-    def column_std(m: torch.Tensor) -> torch.Tensor:
-        s = total(torch.stack([m.sum(dim=0), m.square().sum(dim=0)]))
+    def column_std(m: torch.Tensor) -> torch.Tensor:  # float64 [k] std of each column of m over every rank's rows
+        s = total(torch.stack([m.sum(dim=0, dtype=torch.float64), m.square_().sum(dim=0, dtype=torch.float64)]))
         return ((s[1] - s[0].square() / rows_total) / (rows_total - 1)).clamp(min=0).sqrt()
 
     def extremes(values: torch.Tensor) -> torch.Tensor:  # (max, min) over every rank's live values
@@ -151,12 +152,12 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
 
     log_c = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
     log_r = torch.zeros(w.shape[0], 1, dtype=torch.float64, device=w.device)
-    rows = w.std(dim=1)  # the iterate's row spreads: the weight's own at first, exactly 1 once rows are divided
+    rows = w.std(dim=1).double()  # the iterate's row spreads: the weight's own at first, 1 once rows are divided
     live_rows = rows > 0  # constant rows and columns (all-zero ones) keep factor 1 and are left out of the score
     best, best_c = float("inf"), log_c
     for step in range(steps + 1):
         # std of a column of w / (r c) is c_j^-1 * std(w / r): two passes over the weight per step, not six
-        cols = column_std(w * (-log_r).exp()) * (-log_c).exp()
+        cols = column_std(w * (-log_r).exp().float()) * (-log_c).exp()
         live_cols = cols > 0
         col_hi, col_lo = extremes(cols[live_cols]).tolist()
         row_hi, row_lo = extremes(rows[live_rows]).tolist()
@@ -169,7 +170,7 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
         if step == steps:
             break
         log_c = log_c + torch.where(live_cols, cols, torch.ones_like(cols)).log()
-        row_std = (w * (-log_c).exp()).std(dim=1, keepdim=True) * (-log_r).exp()
+        row_std = (w * (-log_c).exp().float()).std(dim=1, keepdim=True).double() * (-log_r).exp()
         log_r = log_r + torch.where(row_std > 0, row_std, torch.ones_like(row_std)).log()
         rows = torch.ones_like(rows)
     return (best_c - best_c.mean()).exp().float()
