@@ -106,7 +106,8 @@ def _calibrate(fp, config: QuantConfig, calibration: Calibration, progress: bool
         tokenizer = load_tokenizer(calibration.tokenizer)
         samples = text_samples(items, tokenizer, int(fp.args.max_sequence_length), int(fp.args.vocab_size))
     tokens = sum(s["input_ids"].numel() for s in samples)
-    estimate = estimate_seconds(skeleton, config, tokens) * (2 if calibration.budget else 1)
+    one_pass = estimate_seconds(skeleton, config, tokens)  # the planning pass (with a budget) takes about as long
+    estimate = one_pass * (2 if calibration.budget else 1)
     how_long = f"{estimate:.0f} s" if estimate < 90 else f"{estimate / 60:.0f} min"
     stacks = find_stacks(skeleton)
     blocks = " + ".join(f"{len(s.owner.transformer.layers)} ({s.name})" for s in reversed(stacks)) \
@@ -125,8 +126,8 @@ def _calibrate(fp, config: QuantConfig, calibration: Calibration, progress: bool
         config = plan.to_config()
     result = calibrate_blocks(skeleton, fp.source, config, samples, progress=progress, store_dtype=store_dtype,
                               spill_bytes=calibration.spill_bytes)
-    log.info("calibration: %d layers in %.0f s (%d MB of activations spilled to disk)", len(result.neutral),
-             result.seconds, result.spilled_bytes // 10**6)
+    log.info("calibration: %d layers in %.0f s (estimated %.0f s; %d MB of activations spilled to disk)",
+             len(result.neutral), result.seconds, one_pass, result.spilled_bytes // 10**6)
     return result.neutral, config
 
 

@@ -71,8 +71,9 @@ def test_linear_over_weight_runs_the_kernel(fmt_name):
         assert type(copied) is torch.Tensor and torch.equal(copied, plain)
 
 
-def test_linear_over_weight_carries_gradients_to_the_input():
-    layer, _ = make_layer("int4")
+@pytest.mark.parametrize("fmt", ["int4", "int4cs"])  # int4cs: the kernel computes (x * t) @ core^T
+def test_linear_over_weight_carries_gradients_to_the_input(fmt):
+    layer, _ = make_layer(fmt)
     x = torch.randn(4, 256, requires_grad=True)
     bias = torch.randn(128, requires_grad=True)
     F.linear(x, layer.weight, bias).sum().backward()

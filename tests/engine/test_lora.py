@@ -92,6 +92,32 @@ def test_merge_requantized_saves_and_reloads(trained, tmp_path):
     assert torch.equal(run_logits(reloaded.eval(), inputs), merged_logits)
 
 
+def test_lora_trains_through_a_column_scaled_base_and_merges_exactly(fp_models):
+    """int4cs (kernels compute (x * t) @ core^T): gradients reach the adapters through the scaled matmul, the base is
+    unchanged, and a full-precision merge equals the adapted model (its dequantized weight includes t)."""
+    torch.manual_seed(0)
+    model, inputs = quantized_llama(fp_models, format="int4cs")
+    model.eval()
+    base = {n: m.neutral_tensors() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    add_lora_(model, rank=4, alpha=8)
+    for m in model.modules():
+        if isinstance(m, LoraQuantLinear):
+            torch.nn.init.normal_(m.lora_B, std=0.02)
+    loss = lm_loss(model, inputs)
+    loss.backward()
+    grads = [m.lora_A.grad for m in model.modules() if isinstance(m, LoraQuantLinear)]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and name.endswith(".base"):
+            after = module.neutral_tensors()
+            assert all(torch.equal(after[k], v) for k, v in base[name[: -len(".base")]].items()), name
+    with torch.no_grad():
+        adapted = run_logits(model, inputs)
+        merged = copy.deepcopy(model)
+        merge_lora_(merged, requantize=False)
+        assert ((run_logits(merged, inputs) - adapted).norm() / adapted.norm()).item() < 0.02
+
+
 def test_lora_on_a_layer_kept_full_precision_is_refused(fp_models):
     model, _ = quantized_llama(fp_models, skip=("*.attention.dense",))
     with pytest.raises(sat_quant.QuantConfigError, match="keeps in full precision.*attention.dense"):

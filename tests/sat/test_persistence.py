@@ -21,7 +21,7 @@ from tests.cogvlm_fixture import (
 from tests.conftest import SAT_MODELS, run_logits, sat_args, save_fp_with_sat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BITS = {"int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
+BITS = {"int8": 8, "int4": 4, "int4cs": 4, "nf4": 4, "fp4": 4}
 
 
 def quantize_in_memory(name, state, config):
@@ -41,7 +41,7 @@ def fp_checkpoints(fp_models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,fmt", [("gpt2", "int8"), ("gpt2", "int4"), ("gpt2", "nf4"), ("gpt2", "fp4"),
-                                      ("llama", "int4"), ("bert", "nf4")])
+                                      ("llama", "int4"), ("llama", "int4cs"), ("bert", "nf4")])
 def test_convert_then_load_equals_quantizing_in_memory(fp_models, fp_checkpoints, tmp_path, name, fmt):
     _, state, inputs, _ = fp_models[name]
     config = QuantConfig(bits=BITS[fmt], format=fmt)
