@@ -114,6 +114,33 @@ def search_scale_zero(w3: torch.Tensor, round_scale: ScaleRounder, importance: O
     return best_scale, best_zero
 
 
+_MOMENT_ROWS = 256  # rows widened to float64 at a time by the column-scale passes (8 MiB at 4096 columns)
+
+
+def _column_moments(w: torch.Tensor, inv_r: torch.Tensor) -> torch.Tensor:
+    """float64 [2, k]: sum over rows of ``w_ij * inv_r_i`` and of its square (this rank's rows). Products and sums in
+    float64, a few rows at a time (matrix-vector products: no full-size temporaries)."""
+    out = torch.zeros(2, w.shape[1], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[0], _MOMENT_ROWS):
+        part = w[start:start + _MOMENT_ROWS].double()
+        factor = inv_r[start:start + _MOMENT_ROWS]
+        out[0] += factor @ part
+        out[1] += factor.square() @ part.square_()
+    return out
+
+
+def _row_std(w: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
+    """float64 [n]: the (unbiased) std of each row of ``w * inv_c``, in float64, a few rows at a time."""
+    k = w.shape[1]
+    out = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[0], _MOMENT_ROWS):
+        part = w[start:start + _MOMENT_ROWS].double()
+        first = part @ inv_c
+        second = part.square_() @ inv_c.square()
+        out[start:start + part.shape[0]] = ((second - first.square() / k) / max(k - 1, 1)).clamp(min=0).sqrt()
+    return out
+
+
 def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, group=None) -> torch.Tensor:
     """float32 [k] per-input-column scales ``t`` (geometric mean 1) that balance ``weight`` [n, k] (SINQ, Müller et al.
     2025): ``weight / t`` has columns and rows of more even spread, and ``weight ≈ Q(weight / t) * t``.
@@ -125,8 +152,8 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
 
     ``group``: a torch.distributed process group whose ranks each hold some rows of one weight (SAT's
     column-parallel shards); column sums and the score are all-reduced over it, so every rank gets the ``t`` of the
-    whole weight. Column sums accumulate in float64 (the weight and its temporaries stay float32), so the sharding
-    changes ``t`` by float64 rounding only, far below what a stored code resolves.
+    whole weight. The passes run in float64 a few rows at a time (no full-size temporaries), so the sharding changes
+    ``t`` by float64 rounding only, far below what a stored code resolves.
     """
     w = weight.detach().float()
 
@@ -139,8 +166,8 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
     if rows_total < 2:  # one row has no column spread
         return torch.ones(w.shape[1], device=w.device)
 
-    def column_std(m: torch.Tensor) -> torch.Tensor:  # float64 [k] std of each column of m over every rank's rows
-        s = total(torch.stack([m.sum(dim=0, dtype=torch.float64), m.square_().sum(dim=0, dtype=torch.float64)]))
+    def column_std(inv_r: torch.Tensor) -> torch.Tensor:  # float64 [k]: std of each column of w * inv_r, all ranks
+        s = total(_column_moments(w, inv_r))
         return ((s[1] - s[0].square() / rows_total) / (rows_total - 1)).clamp(min=0).sqrt()
 
     def extremes(values: torch.Tensor) -> torch.Tensor:  # (max, min) over every rank's live values
@@ -151,13 +178,13 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
         return total(pair, torch.distributed.ReduceOp.MAX if group is not None else None)
 
     log_c = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
-    log_r = torch.zeros(w.shape[0], 1, dtype=torch.float64, device=w.device)
-    rows = w.std(dim=1).double()  # the iterate's row spreads: the weight's own at first, 1 once rows are divided
+    log_r = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    rows = _row_std(w, torch.ones_like(log_c))  # the iterate's row spreads: the weight's own, 1 once rows are divided
     live_rows = rows > 0  # constant rows and columns (all-zero ones) keep factor 1 and are left out of the score
     best, best_c = float("inf"), log_c
     for step in range(steps + 1):
-        # std of a column of w / (r c) is c_j^-1 * std(w / r): two passes over the weight per step, not six
-        cols = column_std(w * (-log_r).exp().float()) * (-log_c).exp()
+        # std of a column of w / (r c) is c_j^-1 * std(w / r): two passes over the weight per step
+        cols = column_std((-log_r).exp()) * (-log_c).exp()
         live_cols = cols > 0
         col_hi, col_lo = extremes(cols[live_cols]).tolist()
         row_hi, row_lo = extremes(rows[live_rows]).tolist()
@@ -170,7 +197,7 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
         if step == steps:
             break
         log_c = log_c + torch.where(live_cols, cols, torch.ones_like(cols)).log()
-        row_std = (w * (-log_c).exp().float()).std(dim=1, keepdim=True).double() * (-log_r).exp()
+        row_std = _row_std(w, (-log_c).exp()) * (-log_r).exp()
         log_r = log_r + torch.where(row_std > 0, row_std, torch.ones_like(row_std)).log()
         rows = torch.ones_like(rows)
     return (best_c - best_c.mean()).exp().float()
