@@ -113,11 +113,15 @@ def test_int4_decode_runs_the_lut_kernel_and_saves_exactly(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_take_the_dequantize_path_and_match(dtype):
     fmt, spec, neutral = quantized("nf4", 64, 256, 64)
-    x = torch.randn(2, lut4.DEQUANT_ROWS, 256).to(dtype)  # 2 * DEQUANT_ROWS rows
+    x = torch.randn(2, lut4.DEQUANT_ROWS, 256).to(dtype)  # 2 * DEQUANT_ROWS rows: the backend's tile path
+    assert LUT.takes_prefill_path(x, fmt)
     y = LUT.linear(x, fmt, spec, neutral)
-    ref = REF.linear(x, fmt, spec, neutral)  # same dtype: the reference dequantizes to it too
+    ref = REF.linear(x, fmt, spec, dict(neutral))  # same dtype: the reference dequantizes to it too
     assert y.shape == (2, lut4.DEQUANT_ROWS, 64)
     assert (y.float() - ref.float()).abs().max().item() <= RTOL[dtype] * ref.float().abs().max().item()
+    # the per-row kernel itself, called with as many rows, gives the same product
+    direct = lut4.linear(x, neutral["qweight"], neutral["absmax"], fmt.table_tensor(), spec.group_size)
+    assert (direct.float() - ref.float()).abs().max().item() <= RTOL[dtype] * ref.float().abs().max().item()
 
 
 @pytest.mark.parametrize("n,k,group", [(64, 256, 8), (32, 96, 48), (16, 160, 160)])

@@ -21,7 +21,7 @@ from .prefill import WeightTiles, rows_per_tile
 
 class LutCpuBackend(Backend):
     name = "lut"
-    # From 64 rows (where lut4.linear itself would dequantize the whole weight) tiles from the C++ dequantizer and a
+    # From 64 rows (lut4.DEQUANT_ROWS) tiles from the C++ dequantizer and a
     # dense GEMM: tiles reuse memory, a whole fresh weight page-faults (measured on a 2-core AVX512-BF16 CPU:
     # 4096x4096 to bf16 in 2.6 ms as 512-row tiles, 15 ms at once; benchmarks/RESULTS.md "Prefill").
     prefill_rows = {("codebook4", "cpu"): DEQUANT_ROWS, ("int4_affine", "cpu"): DEQUANT_ROWS}

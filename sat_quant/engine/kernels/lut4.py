@@ -20,8 +20,8 @@ log = logging.getLogger("sat_quant.engine.kernels")
 
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-Wno-maybe-uninitialized")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: Above this many activation rows the weight is dequantized once (C++) and a dense GEMM runs: per-row lookups
-#: stop paying off when the GEMM's blocking can reuse each weight many times.
+#: From this many activation rows the backend takes the prefill path (weight tiles from :func:`dequantize` and a
+#: dense GEMM, ``backends/lut_cpu.py``): per-row lookups stop paying off when a GEMM can reuse each weight many times.
 DEQUANT_ROWS = 64
 _ERRORS = {1: "this CPU lacks AVX-512 (F/BW/VL)", 2: "unsupported shape", 3: "out of memory for scratch"}
 
@@ -87,7 +87,8 @@ def _check(rc: int) -> None:
 def linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
            group_size: int, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] (fp32/bf16/fp16) @ W^T → [..., N] in x's dtype; W = (table[codes] - zero) * absmax per block
-    (``zero``: uint8 per block, or None for none)."""
+    (``zero``: uint8 per block, or None for none). The per-row kernel for any row count: callers with many rows
+    (``DEQUANT_ROWS`` and more) are faster on dequantized tiles + a GEMM, which the backend does."""
     lib, reason = _library()
     if lib is None:
         raise RuntimeError(f"sat_quant lut4 kernel unavailable: {reason}")
@@ -98,9 +99,6 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, table: 
         x2 = x2.float()
     x2 = x2.contiguous()
     m = x2.shape[0]
-    if m > DEQUANT_ROWS:
-        return torch.nn.functional.linear(x2, dequantize(qweight, absmax, table, group_size, x2.dtype, zero)) \
-            .to(x.dtype).reshape(*x.shape[:-1], n)
     y = torch.empty(m, n, dtype=x2.dtype)
     if m:
         code = _DTYPES[x2.dtype]
