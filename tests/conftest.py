@@ -35,7 +35,7 @@ def _cpu_has_avx512() -> bool:
 #: sat_quant's nf4/fp4 CPU kernel ("lut") runs on AVX-512 CPUs only; elsewhere auto picks bitsandbytes
 HAS_AVX512 = _cpu_has_avx512()
 NF4_CPU_BACKEND = "lut" if HAS_AVX512 else "bitsandbytes"
-INT4_CPU_BACKEND = "lut" if HAS_AVX512 else "torch"  # auto's choice for int4 on this CPU
+INT4_CPU_BACKEND = "torch"  # auto's choice for int4 on CPU (lut only where torch's kernel cannot run the shape)
 #: like the tests marked cuda, the lut kernel's own tests run where the hardware is; the fallback has CPU tests
 needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="the lut kernel needs AVX-512 F/BW/VL, which this CPU lacks")
 

@@ -91,11 +91,11 @@ def test_dequantize_is_bitwise_the_reference(fmt_name, dtype):
 @needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_decode_runs_the_lut_kernel_and_saves_exactly(dtype):
-    """--quant 4 (int4) on an AVX-512 CPU: auto picks the lut kernel (about 4x torch's int4 kernel at one row, see
-    benchmarks/RESULTS.md); the layer's output matches torch's int4 kernel on the same codes, its state dict is
-    the saved layout bit for bit, and the fp32 scales it holds cost 2 bytes per group."""
+    """int4 on the lut kernel (``--quant-backend lut``; auto takes it where torch's int4 kernel cannot run the shape):
+    the layer's output matches torch's int4 kernel on the same codes, its state dict is the saved layout bit for
+    bit, and the fp32 scales it holds cost 2 bytes per group."""
     fmt, spec, neutral = quantized("int4", 256, 1024, 128)
-    layer = sat_quant.QuantLinear(spec, bias=False)
+    layer = sat_quant.QuantLinear(spec, bias=False, backend="lut")
     layer.load_neutral_(neutral)
     assert layer.backend.name == "lut"
     assert all(torch.equal(t, neutral[name]) for name, t in layer.state_dict().items())
@@ -137,11 +137,18 @@ def test_block_sizes_the_kernel_does_not_tile_fall_back(n, k, group):
 
 
 @needs_avx512
-def test_auto_prefers_it_for_nf4_fp4_int4_on_cpu_only():
+def test_auto_prefers_it_for_nf4_fp4_on_cpu_only_and_for_int4_where_torch_cannot_run():
     for name in ("nf4", "fp4", "int4"):
         fmt = get_format(name)
-        assert select_backend("auto", fmt, fmt.spec(4096, 4096), "cpu").name == "lut"
+        assert LUT.unsupported_reason(fmt, fmt.spec(4096, 4096), torch.device("cpu")) is None
         assert LUT.unsupported_reason(fmt, fmt.spec(4096, 4096), torch.device("cuda")) is not None
+    for name in ("nf4", "fp4"):
+        assert select_backend("auto", get_format(name), get_format(name).spec(4096, 4096), "cpu").name == "lut"
+    # int4: torch's kernel first (faster at decode shapes), the lut kernel where torch's cannot run (rows not a
+    # multiple of its block, a group size it does not take)
+    int4 = get_format("int4")
+    assert select_backend("auto", int4, int4.spec(4096, 4096), "cpu").name == "torch"
+    assert select_backend("auto", int4, int4.spec(100, 256, group_size=64), "cpu").name == "lut"
     for name in ("int4c", "int8"):  # int4c's scales are not int4's layout; int8 is not 4-bit
         fmt = get_format(name)
         assert LUT.unsupported_reason(fmt, fmt.spec(128, 256), torch.device("cpu"))

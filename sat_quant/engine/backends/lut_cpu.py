@@ -3,9 +3,10 @@
 It reads the neutral layout as it is (bitsandbytes' packing and fp32 absmax), so for nf4/fp4 ``prepare`` and
 ``to_neutral`` are the identity: loading is no slower and saving after running is exact. int4 has the same nibble
 packing; its codes run through the table 0..15 with the layer's uint8 zero points, and its fp16 scales are held
-widened to fp32 (2 bytes more per group of 128: +1.5%; narrowed back exactly for saving). Where the kernel cannot
-run (no compiler, no AVX-512, an odd block size) ``unsupported_reason`` says why and ``auto`` takes the next backend
-(bitsandbytes for nf4/fp4, torch for int4).
+widened to fp32 (2 bytes more per group of 128: +1.5%; narrowed back exactly for saving). For int4, ``auto`` tries
+torch's int4 kernel first (faster at decode shapes on a quiet CPU) and this one where torch's cannot run the shape.
+Where this kernel cannot run (no compiler, no AVX-512, an odd block size) ``unsupported_reason`` says why and
+``auto`` takes the next backend (bitsandbytes for nf4/fp4, the reference for int4).
 """
 from __future__ import annotations
 
