@@ -39,7 +39,7 @@ from ..engine.replace import plan_layers, quantize_
 from ..errors import QuantConfigError
 from .calibration import DEFAULT_MAX_HESSIAN_BYTES, iter_hessians, quantize_calibrated_
 
-# Candidates when none are given: the fast-kernel int4 (group 128; the lut kernel on AVX-512 CPUs), int4cs (SINQ
+# Candidates when none are given: the fast-kernel int4 (group 128: the least scale overhead), int4cs (SINQ
 # column scale) at groups 64 and 32, and int8. MiniLM, 128 calibration sentences: 4.3 bits 0.9923, 5.0 bits 0.9947
 # (with int4c:64/int4c:32 in int4cs's place, 32 sentences: 0.9881 / 0.9932; benchmarks/RESULTS.md).
 DEFAULT_CANDIDATES: Tuple[str, ...] = ("int4:128", "int4cs:64", "int4cs:32", "int8")
