@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
-from tests.conftest import HAS_AVX512
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ROW = re.compile(r"^(fp32|int8|int4|int4c|nf4|fp4)\s+(.+?)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+ROW = re.compile(r"^(fp32|int8|int4|int4c|int4cs|nf4|fp4)\s+(.+?)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
                  r"\s+\(([\d.]+)-([\d.]+)\)$", flags=re.M)
 
 
@@ -39,10 +37,11 @@ def test_the_table_is_all_that_is_printed(demo):
 
 def test_every_format_has_a_row_with_its_kernel_and_sane_numbers(demo):
     rows = {m.group(1): m.groups()[1:] for m in ROW.finditer(demo.stdout)}
-    assert set(rows) == {"fp32", "int8", "int4", "int4c", "nf4", "fp4"}, demo.stdout
+    assert set(rows) == {"fp32", "int8", "int4", "int4c", "int4cs", "nf4", "fp4"}, demo.stdout
     kernels = {name: row[0] for name, row in rows.items()}
     assert kernels["fp32"] == "torch F.linear" and kernels["int8"] == "torch _weight_int8pack_mm"
-    assert kernels["int4"] == ("sat_quant AVX-512 LUT" if HAS_AVX512 else "torch _weight_int4pack_mm_for_cpu")
+    assert kernels["int4"] == "torch _weight_int4pack_mm_for_cpu"  # auto: torch's int4 kernel first, lut as fallback
+    assert kernels["int4cs"] == "x * t, then torch _weight_int4pack_mm_for_cpu"
     assert kernels["nf4"] in ("sat_quant AVX-512 LUT", "bitsandbytes matmul_4bit", "dequantize + F.linear")
     values = {name: [float(x.replace(",", "")) for x in row[1:]] for name, row in rows.items()}
     fp_bytes = values["fp32"][1]
