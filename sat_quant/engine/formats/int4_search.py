@@ -78,6 +78,15 @@ def rtn_scale_zero(w3: torch.Tensor, round_scale: ScaleRounder) -> Tuple[torch.T
     return scale, torch.round(-wmin / scale).clamp_(0, 15)
 
 
+def largest_group_scale(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [n, 1]: each row's largest round-to-nearest group scale, as float16 holds it: the row reference that
+    int4c's and int4cs's group-scale codes are relative to."""
+    n, k = weight.shape
+    w3 = weight.detach().float().reshape(n, k // group_size, group_size)
+    span = w3.amax(dim=-1).clamp(min=0.0) - w3.amin(dim=-1).clamp(max=0.0)
+    return (span.amax(dim=1, keepdim=True) / 15.0).clamp(min=MIN_SCALE).half().float()
+
+
 def search_scale_zero(w3: torch.Tensor, round_scale: ScaleRounder, importance: Optional[torch.Tensor] = None,
                       shrinks: Sequence[Tuple[float, float]] = DEFAULT_SHRINKS,
                       refine: int = REFINE_STEPS) -> Tuple[torch.Tensor, torch.Tensor]:

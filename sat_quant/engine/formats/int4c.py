@@ -25,17 +25,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, pad_columns, pad_hessian, register_format, unpack_nibbles
-from .int4_search import MIN_SCALE, choose_int4
+from .int4_search import choose_int4, largest_group_scale
 
 _CODE_MAX = 255.0  # the largest 8-bit scale code; the row's largest group scale is code 255
-
-
-def _row_scale(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-row reference: the largest round-to-nearest group scale, as float16 holds it (float32 [n, 1])."""
-    n, k = weight.shape
-    w3 = weight.detach().float().reshape(n, k // group_size, group_size)
-    span = w3.amax(dim=-1).clamp(min=0.0) - w3.amin(dim=-1).clamp(max=0.0)
-    return (span.amax(dim=1, keepdim=True) / 15.0).clamp(min=MIN_SCALE).half().float()
 
 
 def _rounder(row: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -86,7 +78,7 @@ class Int4Compact(WeightFormat):
                  search: bool = True, damp: float = 0.1, act_order: bool = True) -> Dict[str, torch.Tensor]:
         """Searched scales/zeros (default; ``search=False``: round to nearest), GPTQ with a ``hessian`` [in, in]."""
         weight = pad_columns(weight, spec)  # zero columns change no group's range: [min(w, 0), max(w, 0)]
-        row = _row_scale(weight, spec.group_size)
+        row = largest_group_scale(weight, spec.group_size)
         codes, scale, zero = choose_int4(weight, spec.group_size, _rounder(row), hessian=pad_hessian(hessian, spec),
                                          search=search, damp=damp, act_order=act_order)
         zero = zero.to(torch.uint8)

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, pad_columns, pad_hessian, register_format, unpack_nibbles
-from .int4_search import MIN_SCALE, choose_int4, column_scales
+from .int4_search import choose_int4, column_scales, largest_group_scale
 
 _SCALE_STEPS = 16.0  # group scale = row_scale * (code + 1) / 16, code 0..15
 _T_STEPS = 16.0  # col_scale code c: t = 2 ** ((c - 128) / 16), 4.4% apart, 2^-8 .. 2^7.9
@@ -40,14 +40,6 @@ def encode_col_scale(t: torch.Tensor) -> torch.Tensor:
 def decode_col_scale(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [in] → float32 ``t``."""
     return torch.exp2((codes.float() - 128) / _T_STEPS)
-
-
-def _row_scale(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-row reference: the largest round-to-nearest group scale, as float16 holds it (float32 [n, 1])."""
-    n, k = weight.shape
-    w3 = weight.detach().float().reshape(n, k // group_size, group_size)
-    span = w3.amax(dim=-1).clamp(min=0.0) - w3.amin(dim=-1).clamp(max=0.0)
-    return (span.amax(dim=1, keepdim=True) / 15.0).clamp(min=MIN_SCALE).half().float()
 
 
 def _scale_codes(scale: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -104,7 +96,7 @@ class Int4ColumnScaled(WeightFormat):
         if hessian is not None:
             hessian = hessian.float() * t[:, None] * t[None, :]
         core = pad_columns(w / t, spec)  # zero columns change no group's range: [min(w, 0), max(w, 0)]
-        row = _row_scale(core, spec.group_size)
+        row = largest_group_scale(core, spec.group_size)
         codes, scale, zero = choose_int4(core, spec.group_size, _rounder(row), hessian=pad_hessian(hessian, spec),
                                          search=search, damp=damp, act_order=act_order)
         scale_zero = (_scale_codes(scale, row).to(torch.uint8) << 4) | zero.to(torch.uint8)
