@@ -27,9 +27,10 @@ def script_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def git_apply(checkout: Path, patches: Sequence[Path] = PATCHES, check: bool = False) -> subprocess.CompletedProcess:
-    """``git apply [--check]`` every patch, in order, inside ``checkout`` (it need not be a git repository)."""
-    cmd = ["git", "apply"] + (["--check"] if check else []) + [str(p) for p in patches]
+def git_apply(checkout: Path, patches: Sequence[Path] = PATCHES, check: bool = False,
+              reverse: bool = False) -> subprocess.CompletedProcess:
+    """``git apply [--check] [-R]`` every patch, in order, inside ``checkout`` (it need not be a git repository)."""
+    cmd = ["git", "apply"] + (["--check"] if check else []) + (["-R"] if reverse else []) + [str(p) for p in patches]
     return subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -34,22 +34,25 @@ def _say(request, line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def example_env(tmp_path_factory, request) -> Dict[str, object]:
+def example_env(tmp_path_factory, request) -> Iterator[Dict[str, object]]:
     """The environment the two examples run in: a fresh venv with the ``cogvlm`` extra (CI), else this one."""
     if not FRESH_VENV:
-        return {"env": script_env(), "venv": None, "install_s": None}
+        yield {"env": script_env(), "venv": None, "install_s": None}
+        return
     venv = tmp_path_factory.mktemp("fresh") / "venv"
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     # --no-compile: the same files, without byte-compiling torch's ~10k modules first (they compile as imported)
     result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", "-e",
                              f"{REPO}[cogvlm]"], capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
+    free_gb = shutil.disk_usage(venv).free / 2**30
+    assert result.returncode == 0, f"{free_gb:.1f} GB free on the venv's disk; pip said: {result.stderr[-3000:]}"
     install_s = time.monotonic() - start
     _say(request, f"fresh venv + pip install -e '.[cogvlm]': {install_s:.0f} s")
     env = {k: v for k, v in script_env().items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(venv))
-    return {"env": env, "venv": venv, "install_s": install_s}
+    yield {"env": env, "venv": venv, "install_s": install_s}
+    shutil.rmtree(venv, ignore_errors=True)  # ~4 GB (torch with its CUDA libraries): not kept past this module
 
 
 def _run(name: str, work: Path, example_env, cogvlm_dir: Path = COGVLM_DIR) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from tests.cogvlm_fixture import COGVLM_DIR, cogvlm_available
-from tests.cogvlm_scripts import REPO, answers, patched_checkout, script_env
+from tests.cogvlm_scripts import REPO, answers, git_apply, patched_checkout, script_env
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(not cogvlm_available(), reason="needs the CogVLM snapshot (../shared/cogvlm)")
@@ -191,3 +192,50 @@ def test_merged_cogagent_answers_in_the_cli_demo(qlora, merged, tmp_path):
     assert "int4 (4-bit) model built" in result.stdout + result.stderr
     (prompt,) = torch.load(probe)
     assert torch.equal(prompt["cross_image"], _cross_pixels(qlora))
+
+
+#: a user's own evaluation script for CogAgent, as upstream's evaluate_cogvlm_demo.py loads a checkpoint (no upstream
+#: script uses FineTuneTestCogAgentModel); it saves the loaded model's state dict and its LoRA-carrying layers
+_EVAL_LOAD = """
+import argparse, sys, torch
+import sat_quant
+from utils.models import FineTuneTestCogAgentModel
+py_parser = argparse.ArgumentParser(add_help=False)
+py_parser = FineTuneTestCogAgentModel.add_model_specific_args(py_parser)
+known, args_list = py_parser.parse_known_args()
+args = sat_quant.get_args(args_list)
+args = argparse.Namespace(**vars(args), **vars(known))
+model, args = FineTuneTestCogAgentModel.from_pretrained(args.load, args)
+with_lora = sorted(n for n, m in model.named_modules() if hasattr(m, "lora_A"))
+torch.save({"state": model.state_dict(), "with_lora": with_lora, "cls": type(model).__name__}, args.save)
+"""
+
+
+def _load_for_eval(qlora, checkout: Path, out: Path) -> subprocess.CompletedProcess:
+    script = checkout / "finetune_demo" / "load_for_eval.py"
+    script.write_text(_EVAL_LOAD)
+    return _run(qlora, str(script), ["--use_qlora", "--lora_rank", "4", "--load", qlora.ckpt, "--save", str(out),
+                                     "--mode", "inference", "--skip-init"], cwd=checkout, extra={
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+
+
+def test_finetune_test_class_loads_the_qlora_checkpoint_with_its_adapters(qlora, tmp_path):
+    """Patch 0009: ``FineTuneTestCogAgentModel --use_qlora`` (what an evaluation script builds) no longer adds SAT
+    0.4.12's broken ``LoraMixin(qlora=True)``: the QLoRA checkpoint loads with the adapters it trained, on the
+    quantized layers: the tensors training saved."""
+    result = _load_for_eval(qlora, qlora.checkout, tmp_path / "patched.pt")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    loaded = torch.load(tmp_path / "patched.pt", weights_only=False)
+    assert loaded["cls"] == "FineTuneTestCogAgentModel"
+    reference = torch.load(next(Path(qlora.ckpt).glob("*/mp_rank_00_model_states.pt")), map_location="cpu",
+                           weights_only=False)["module"]  # what SAT's training loop saved
+    assert loaded["state"].keys() == reference.keys()
+    assert all(torch.equal(loaded["state"][k], reference[k]) for k in reference)
+    assert any(".cross_attention." in n for n in loaded["with_lora"]) and len(loaded["with_lora"]) >= len(TARGETS)
+    upstream = tmp_path / "upstream"  # every patch but 0009: upstream's class
+    shutil.copytree(qlora.checkout / "utils", upstream / "utils")
+    (upstream / "finetune_demo").mkdir()
+    reverse = git_apply(upstream, [REPO / "patches" / "0009-cogagent_model-qlora-eval.patch"], reverse=True)
+    assert reverse.returncode == 0, reverse.stderr
+    result = _load_for_eval(qlora, upstream, tmp_path / "upstream.pt")
+    assert result.returncode != 0 and "sat/model/finetune/lora2.py" in result.stderr  # SAT's mixin: the crash 0009 removes
