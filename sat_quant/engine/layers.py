@@ -56,9 +56,14 @@ class QuantLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a quantized layer of shape "
                              f"{(self.out_features, self.in_features)}")
+        weight = weight.to(self._device)
         with torch.no_grad():
-            neutral = self.fmt.quantize(weight.to(self._device), self.spec)
+            neutral = self.fmt.quantize(weight, self.spec, **self._shard_statistics(weight))
         self._set_neutral(neutral)
+
+    def _shard_statistics(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """What ``quantize`` needs from the rest of a model-parallel weight (none: a whole weight)."""
+        return {}
 
     def load_neutral_(self, tensors: Dict[str, torch.Tensor]) -> None:
         """Install already-quantized neutral tensors after checking their names, shapes and dtypes."""
@@ -217,6 +222,22 @@ class _QuantMatmul(torch.autograd.Function):
         return grad_out @ weight, None
 
 
+def _model_parallel_statistics(layer: QuantLinear, weight: torch.Tensor, sharded: str) -> Dict[str, torch.Tensor]:
+    """The format's ``shard_statistics`` for a shard holding some ``sharded`` ("rows" or "columns") of one weight,
+    all-reduced over SAT's model-parallel group; none at model-parallel size 1."""
+    from sat import mpu
+    if not torch.distributed.is_initialized() or mpu.get_model_parallel_world_size() == 1:
+        return {}
+    group = mpu.get_model_parallel_group()
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+
+    def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+        torch.distributed.all_reduce(t, op=ops[op], group=group)
+        return t
+
+    return layer.fmt.shard_statistics(weight, layer.spec, sharded=sharded, reduce=reduce)
+
+
 class QuantColumnParallelLinear(QuantLinear):
     """SAT ``ColumnParallelLinear`` semantics: this rank holds ``output_size / mp`` rows."""
 
@@ -232,20 +253,11 @@ class QuantColumnParallelLinear(QuantLinear):
         if self.bias is not None:
             self.bias.model_parallel = True
 
-    def quantize_weight_(self, weight: torch.Tensor) -> None:
-        """Formats with a per-input-column scale (int4cs) take it from the *whole* weight (column statistics
-        all-reduced over model-parallel ranks), so every shard holds the same ``t``: results equal model-parallel
-        size 1, and shards merge or split without requantizing."""
-        from sat import mpu
-        if (self.fmt.input_scale_tensor is None or not torch.distributed.is_initialized()
-                or mpu.get_model_parallel_world_size() == 1):
-            return super().quantize_weight_(weight)
-        from .formats.int4_search import column_scales
-        weight = weight.to(self._device)
-        col_scale = column_scales(weight, group=mpu.get_model_parallel_group())
-        with torch.no_grad():
-            neutral = self.fmt.quantize(weight, self.spec, col_scale=col_scale)
-        self._set_neutral(neutral)
+    def _shard_statistics(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """This rank's rows are quantized with the statistics that span the other ranks' rows (int4cs's column
+        scale) taken from the whole weight: results equal model-parallel size 1, and shards merge or split without
+        requantizing."""
+        return _model_parallel_statistics(self, weight, "rows")
 
     def forward_partition(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's output rows, before any gather (LoRA adds its rows here)."""
@@ -271,18 +283,11 @@ class QuantRowParallelLinear(QuantLinear):
         self.input_is_parallel = input_is_parallel
         self.final_bias = final_bias
 
-    def quantize_weight_(self, weight: torch.Tensor) -> None:
-        """Per-row formats use the absmax of the *whole* row (max over model-parallel ranks), so shards share
-        scales: results equal model-parallel size 1, and shards merge or split without requantizing."""
-        from sat import mpu
-        if (not self.fmt.shares_row_stats or not torch.distributed.is_initialized()
-                or mpu.get_model_parallel_world_size() == 1):
-            return super().quantize_weight_(weight)
-        absmax = weight.detach().float().abs().amax(dim=1).to(self._device)
-        torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX, group=mpu.get_model_parallel_group())
-        with torch.no_grad():
-            neutral = self.fmt.quantize(weight.to(self._device), self.spec, row_absmax=absmax)
-        self._set_neutral(neutral)
+    def _shard_statistics(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """This rank's input columns are quantized with per-row statistics (int8's absmax, int4c/int4cs's row scale)
+        taken from the whole row: results equal model-parallel size 1, and shards merge or split without
+        requantizing."""
+        return _model_parallel_statistics(self, weight, "columns")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from sat.mpu.mappings import scatter_to_model_parallel_region

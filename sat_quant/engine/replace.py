@@ -121,12 +121,13 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> List[PlannedLayer]:
                           f"padded inside one; pick a group size that divides {in_features}]")
             continue
         fmt = None if planned.spec is None else get_format(planned.spec.format)
-        if (fmt is not None and fmt.per_row_tensors and not fmt.shares_row_stats
-                and _row_parallel_shard(planned.module, in_features)):
-            errors.append(f"{fmt.name}: layer '{planned.names[0]}' is row-parallel at model-parallel size "
-                          f"> 1, and {fmt.name}'s per-row scale spans every rank's columns, so shards "
-                          f"could not be merged or resharded; use --quant-format int4 there (e.g. --quant-plan "
-                          f"with '{planned.names[0]}': 'int4'), or model-parallel size 1.")
+        if (fmt is not None and _row_parallel_shard(planned.module, in_features)
+                and planned.spec.num_groups % fmt.row_shard_group_multiple):
+            errors.append(f"{fmt.name}: layer '{planned.names[0]}' is row-parallel and this rank holds "
+                          f"{planned.spec.num_groups} groups of its input columns; {fmt.name} needs a multiple of "
+                          f"{fmt.row_shard_group_multiple} per rank (its layout packs that many groups together); "
+                          f"pick a --quant-group-size that gives one (e.g. "
+                          f"{planned.spec.group_size // fmt.row_shard_group_multiple}).")
     if errors:
         raise QuantConfigError("cannot quantize this model as asked:\n  " + "\n  ".join(errors[:20]) +
                                (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))

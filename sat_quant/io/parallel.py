@@ -32,13 +32,14 @@ def _strides(stride: Stride) -> List[int]:
 
 def packed_kinds(weight_kind: Kind, fmt, spec, prefix: str) -> Dict[str, Kind]:
     """How each packed tensor of one quantized layer is partitioned: like its weight, except the per-row tensors of
-    a row-parallel layer whose format shares them across ranks (int8's scale): whole-row, identical on every rank."""
+    a row-parallel layer (int8's scale, int4c/int4cs's row scale): whole-row, identical on every rank (every format
+    with per-row tensors computes them from the whole row on shards: its ``shard_statistics``)."""
     if weight_kind[0] == "row" and spec.padding:  # zero-padded rows: a cut would land inside the padding's groups
         return {prefix + n: ("row-padded", 1) for n in fmt.layout(spec)}
-    replicated = set(fmt.per_row_tensors) if weight_kind[0] == "row" and fmt.shares_row_stats else set()
+    replicated = set(fmt.per_row_tensors) if weight_kind[0] == "row" else set()
     kinds = {prefix + n: (("row-replicated", 1) if n in replicated else weight_kind) for n in fmt.layout(spec)}
     if fmt.input_scale_tensor is not None:  # one value per input column: whole on column-parallel ranks (shared,
-        # see QuantColumnParallelLinear.quantize_weight_), cut with the columns on row-parallel ones
+        # see the format's shard_statistics), cut with the columns on row-parallel ones
         kinds[prefix + fmt.input_scale_tensor] = ("input-replicated", 1) if weight_kind[0] == "column" else ("input", 1)
     return kinds
 
@@ -98,7 +99,10 @@ def split(t: torch.Tensor, kind: Kind, parts: int) -> List[torch.Tensor]:
                               f"convert from full precision with a --quant-group-size that divides its input size.")
     if how == "row":
         if t.shape[1] % parts:
-            raise CheckpointError(f"cannot split {t.shape[1]} input columns into {parts} model-parallel parts")
+            raise CheckpointError(f"cannot split a row-parallel tensor of {t.shape[1]} (packed) input columns into "
+                                  f"{parts} model-parallel parts: each part must hold whole groups (int4c: an even "
+                                  f"number of them); keep this model-parallel size, or convert from full precision "
+                                  f"with a --quant-group-size that divides each rank's input columns.")
         return list(torch.chunk(t, parts, dim=1))
     strides = _strides(stride if how == "column" else 1)
     if t.shape[0] % (sum(strides) * parts):
@@ -118,7 +122,7 @@ def merge(shards: Sequence[torch.Tensor], kind: Kind) -> torch.Tensor:
         return shards[0]
     if how == "row-replicated":
         if not all(torch.equal(shards[0], s) for s in shards[1:]):
-            raise CheckpointError("row-parallel int8 shards carry different per-row scales (not written by "
+            raise CheckpointError("row-parallel shards carry different per-row scales (not written by "
                                   "sat_quant's model-parallel quantization); re-convert from full precision.")
         return shards[0]
     if how == "input-replicated":

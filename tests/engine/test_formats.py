@@ -225,9 +225,12 @@ def test_declared_abilities_match_what_the_format_does(fmt_name):
     if fmt.calibratable:  # GPTQ against an identity Hessian stays in the same layout
         calibrated = fmt.quantize(w, spec, hessian=torch.eye(256))
         assert {k: (tuple(v.shape), v.dtype) for k, v in calibrated.items()} == dict(layout)
-    if fmt.shares_row_stats:  # the whole row's statistic, given, is what the per-row tensors store
-        doubled = fmt.quantize(w, spec, row_absmax=2 * w.abs().amax(dim=1))
-        torch.testing.assert_close(doubled[fmt.per_row_tensors[0]], 2 * tensors[fmt.per_row_tensors[0]])
+    # per-row tensors span a row-parallel layer's every rank: the format must take them from the whole row on shards
+    assert not fmt.per_row_tensors or fmt.shares_row_stats
+    for sharded in ("rows", "columns"):  # one shard holding the whole weight: its statistics change nothing
+        stats = fmt.shard_statistics(w, spec, sharded=sharded, reduce=lambda t, op: t)
+        again = fmt.quantize(w, spec, **stats)
+        assert all(torch.equal(again[k], tensors[k]) for k in tensors), sharded
     assert DEFAULT_FORMAT_FOR_BITS[fmt.bits] != fmt_name or fmt.default_for_bits
 
 

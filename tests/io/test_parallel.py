@@ -1,10 +1,12 @@
 """Model-parallel partitions: our split/merge equals SAT's partition, for float and quantized tensors."""
+import threading
+
 import pytest
 import torch
 from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear
 
 from sat_quant import get_format
-from sat_quant.io.parallel import merge, split
+from sat_quant.io.parallel import merge, packed_kinds, split
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,28 +37,70 @@ def test_row_split_matches_sat_partition(parts):
     assert torch.equal(merge(ours, ("row", 1)), layer.weight.detach())
 
 
-@pytest.mark.parametrize("fmt_name", ["int4", "nf4", "fp4", "int8"])
+class ThreadAllReduce:
+    """An all-reduce between threads (one per simulated rank): what ``shard_statistics`` is handed, without
+    torch.distributed; the torchrun tests below run the real one."""
+
+    def __init__(self, parts: int) -> None:
+        self.barrier, self.slots = threading.Barrier(parts), [None] * parts
+
+    def for_rank(self, rank: int):
+        def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            stacked = torch.stack(self.slots)
+            combined = stacked.sum(0) if op == "sum" else stacked.amax(0)
+            self.barrier.wait()
+            return t.copy_(combined)
+        return reduce
+
+
+def _quantize_shards(fmt, w_parts, sharded: str):
+    """Every shard quantized as its rank would: the format's shard statistics, all-reduced between threads."""
+    reducer, results = ThreadAllReduce(len(w_parts)), [None] * len(w_parts)
+
+    def rank_main(rank: int) -> None:
+        spec = fmt.spec(*w_parts[rank].shape, group_size=64 if fmt.name != "int4cs" else 32)
+        stats = fmt.shard_statistics(w_parts[rank], spec, sharded=sharded, reduce=reducer.for_rank(rank))
+        results[rank] = fmt.quantize(w_parts[rank], spec, **stats)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(w_parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("fmt_name", ["int4", "nf4", "fp4", "int8", "int4c", "int4cs"])
 @pytest.mark.parametrize("how,stride", [("column", 3), ("row", 1)])
 def test_split_quantized_equals_quantizing_each_partition(fmt_name, how, stride):
-    """Splitting packed codes and scales gives exactly what quantizing each rank's float partition gives,
-    so no rank ever needs another rank's weights and resharding never dequantizes."""
+    """Splitting packed codes and scales gives exactly what quantizing each rank's float partition gives (with the
+    format's statistics of the whole weight: int8's row absmax, int4c/int4cs's row scale, int4cs's column scale), so
+    no rank ever needs another rank's weights and resharding never dequantizes."""
     fmt = get_format(fmt_name)
-    w = torch.randn(384, 512) * 0.05
-    full = fmt.quantize(w, fmt.spec(384, 512, group_size=64))
+    w = torch.randn(384, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[:, 7] *= 30  # one hot input column (int4cs's t), and rows of different spread
+    w[5] *= 0.1
+    spec = fmt.spec(384, 512, group_size=64 if fmt_name != "int4cs" else 32)
+    full = fmt.quantize(w, spec)
+    kinds = packed_kinds((how, stride), fmt, spec, "")
     w_parts = split(w, (how, stride), 2)
-    for rank, w_part in enumerate(w_parts):
-        spec = fmt.spec(*w_part.shape, group_size=64)
-        if fmt_name == "int8" and how == "row":  # a row shard's scale covers the whole row (all-reduced max)
-            expected = fmt.quantize(w_part, spec, row_absmax=w.abs().amax(1))
-            kinds = {"qweight": ("row", 1), "scale": ("row-replicated", 1)}
-        else:
-            expected = fmt.quantize(w_part, spec)
-            kinds = {name: (how, stride) for name in expected}
+    for rank, expected in enumerate(_quantize_shards(fmt, w_parts, "rows" if how == "column" else "columns")):
         for name, tensor in full.items():
-            assert torch.equal(split(tensor, kinds[name], 2)[rank], expected[name]), name
+            assert torch.equal(split(tensor, kinds[name], 2)[rank], expected[name]), (name, rank)
     for name, tensor in full.items():
-        kind = ("row-replicated", 1) if (fmt_name == "int8" and how == "row" and name == "scale") else (how, stride)
-        assert torch.equal(merge(split(tensor, kind, 2), kind), tensor)
+        assert torch.equal(merge(split(tensor, kinds[name], 2), kinds[name]), tensor)
+
+
+def test_int4c_row_parallel_split_needs_an_even_group_count():
+    """int4c packs two groups' zero-points per byte: a row-parallel cut through a byte is refused in words."""
+    fmt = get_format("int4c")
+    spec = fmt.spec(64, 384, group_size=64)  # 6 groups: 3 per rank
+    full = fmt.quantize(torch.randn(64, 384), spec)
+    kinds = packed_kinds(("row", 1), fmt, spec, "")
+    with pytest.raises(sat_quant.CheckpointError, match="whole groups .int4c: an even number of them"):
+        split(full["zero"], kinds["zero"], 2)
 
 
 # -- real launches: torchrun --nproc_per_node 2, gloo on CPU, --model-parallel-size 2 --------------------
@@ -138,7 +182,8 @@ def test_model_parallel_bad_inputs_fail_on_every_rank_without_hanging(mp_run, tm
         world, group, rowscale, missing = text.split("\n---\n")
         assert "world size 2" in world and "not a multiple of --model-parallel-size 4" in world
         assert "not divisible by group size 256" in group and "row-parallel layer" in group
-        assert "int4c: layer" in rowscale and "use --quant-format int4 there" in rowscale
+        assert "int4c: layer 'transformer.layers.0.attention.dense' is row-parallel" in rowscale
+        assert "holds 1 groups" in rowscale and "needs a multiple of 2 per rank" in rowscale
         assert "failed on rank(s) 1" in missing and "mp_rank_01_model_states" in missing
     assert texts[0].split("\n---\n")[3] == texts[1].split("\n---\n")[3], "every rank raises the same error"
 
@@ -193,16 +238,19 @@ def test_offline_reshard_cli_matches_torchrun_shards(fp_models, mp_run, tmp_path
     assert r.returncode == 2 and "powers of two" in r.stderr
 
 
-def test_int4cs_column_scale_is_shared_by_column_parallel_ranks(fp_models, tmp_path):
-    """int4cs at mp=2: every rank quantizes its rows with the whole weight's column scale ``t`` (column statistics
-    all-reduced), so ranks hold the same ``t``, the shards merge bitwise into the mp=1 conversion, and an mp=1
-    int4cs checkpoint splits back into the same shards (``t`` copied whole to every column-parallel rank)."""
+def test_int4c_and_int4cs_shards_hold_the_whole_weights_statistics(fp_models, tmp_path):
+    """int4cs and int4c at mp=2: on column-parallel layers every rank quantizes its rows with the whole weight's
+    column scale ``t`` (column statistics all-reduced); on row-parallel ones its input columns with the whole row's
+    row scale and the ``t`` of the whole weight (row statistics all-reduced). Ranks hold the same ``t`` where it is
+    shared, the shards merge bitwise into the mp=1 conversion, and an mp=1 checkpoint splits into the same shards
+    (``sat-quant reshard`` of int4c/int4cs failed with an IndexError before)."""
     import json
 
     from sat_quant.tools.convert import convert
     from sat_quant.tools.reshard import reshard
     fp_dir, _ = _mp_fixture(fp_models, tmp_path)
-    plan = {"*.query_key_value": "int4cs", "*.dense_h_to_4h": "int4cs"}  # column-parallel; int4 elsewhere
+    plan = {"*.query_key_value": "int4cs", "*.dense_h_to_4h": "int4cs",  # column-parallel
+            "*.attention.dense": "int4c", "*.dense_4h_to_h": "int4cs"}  # row-parallel
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(json.dumps(plan))
     convert(fp_dir, str(tmp_path / "q1cs"), QuantConfig(bits=4, plan=plan), progress=False)

@@ -1,6 +1,6 @@
 """Run under ``torchrun --nproc_per_node 2`` by tests/io/test_parallel.py: bad model-parallel inputs must give
 every rank the same clear error, never a hang. argv: BROKEN_DIR OUT_DIR (BROKEN_DIR lacks rank 1's file).
-Each rank writes the messages it got, separated by '---': world size, straddling group, int4c row scale,
+Each rank writes the messages it got, separated by '---': world size, straddling group, int4c odd group count,
 missing rank file."""
 import os
 import sys
@@ -23,8 +23,9 @@ def main(broken_dir: str, out_dir: str) -> None:
         sat_quant.get_model(sat_args("gpt2", model_parallel_size=2, quant=4, quant_group_size=256), cls)
     except sat_quant.QuantConfigError as exc:
         messages.append(f"group: {exc}")
-    try:  # int4c's per-row scale would span both ranks' columns of a row-parallel layer
-        sat_quant.get_model(sat_args("gpt2", model_parallel_size=2, quant=4, quant_format="int4c"), cls)
+    try:  # int4c packs two groups' zero-points per byte: one group per rank of a row-parallel layer cannot be cut
+        sat_quant.get_model(sat_args("gpt2", model_parallel_size=2, quant=4, quant_format="int4c",
+                                     quant_group_size=128), cls)
     except sat_quant.QuantConfigError as exc:
         messages.append(f"rowscale: {exc}")
     try:  # rank 1's shard is missing: rank 0 must not go on alone

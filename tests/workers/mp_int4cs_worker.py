@@ -1,7 +1,7 @@
-"""Run under ``torchrun --nproc_per_node 2`` by tests/io/test_parallel.py: int4cs (column scale) on the
-column-parallel layers of a SAT GPT-2 at model-parallel size 2, int4 elsewhere. Each rank quantizes its own
-rows from the full-precision checkpoint; the column scale comes from the whole weight (all-reduced), so the
-saved shards merge into exactly the mp=1 conversion. argv: FP_DIR PLAN_JSON OUT_DIR."""
+"""Run under ``torchrun --nproc_per_node 2`` by tests/io/test_parallel.py: int4cs / int4c (as PLAN_JSON says) on the
+column- and row-parallel layers of a SAT GPT-2 at model-parallel size 2. Each rank quantizes its own part from the
+full-precision checkpoint; the statistics that span other ranks (column scale, row scale) come from the whole
+weight (all-reduced), so the saved shards merge into exactly the mp=1 conversion. argv: FP_DIR PLAN_JSON OUT_DIR."""
 import os
 import sys
 

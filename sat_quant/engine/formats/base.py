@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Tuple, Type
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 
 from ...errors import QuantConfigError
 
 TensorLayout = Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
+#: ``reduce(tensor, "sum" | "max")``: ``tensor`` combined elementwise over every model-parallel rank that holds part
+#: of one weight, the result on every rank (an all-reduce; formats never call torch.distributed themselves)
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,23 @@ class WeightFormat(ABC):
     calibratable: ClassVar[bool] = False
     #: tensors of shape [out] whose value spans every input column of its row (a row-parallel shard sees only part)
     per_row_tensors: ClassVar[Tuple[str, ...]] = ()
-    #: ``quantize(..., row_absmax=...)`` takes the whole row's statistic, so row-parallel shards store identical
-    #: per-row tensors; formats with per-row tensors and without it cannot be quantized on row-parallel shards
+    #: ``shard_statistics(..., sharded="columns")`` gives the whole row's statistics, so row-parallel shards store
+    #: identical per-row tensors (split and merged as copies); every format with ``per_row_tensors`` needs it
     shares_row_stats: ClassVar[bool] = False
+    #: a row-parallel shard must hold a multiple of this many groups (int4c packs two groups' zero-points per byte)
+    row_shard_group_multiple: ClassVar[int] = 1
     #: a tensor of shape [in] the activations are multiplied by before the kernel (``int4cs``'s column scale):
     #: kernels hold ``dequantize_core`` and compute ``(x * t) @ core^T``; ``dequantize`` returns ``core * t``
     input_scale_tensor: ClassVar[Optional[str]] = None
+
+    def shard_statistics(self, weight: torch.Tensor, spec: "LayerSpec", *, sharded: str,
+                         reduce: Reduce) -> Dict[str, torch.Tensor]:
+        """Keyword arguments for ``quantize`` that make one model-parallel shard's tensors exactly the whole weight's
+        (statistics spanning every rank's part, combined with ``reduce``), so shards merge into, and split from,
+        the model-parallel-size-1 result without requantizing. ``sharded``: "rows" (a column-parallel shard holds
+        some output rows) or "columns" (a row-parallel shard holds some input columns). Per-group statistics need
+        nothing: the default is none."""
+        return {}
 
     def affine_groups(self, tensors: Dict[str, torch.Tensor], spec: "LayerSpec") -> Tuple[torch.Tensor, torch.Tensor]:
         """float32 [out, G] scale and zero-point with ``w = (q - zero) * scale`` (``kernel_layout == "int4_affine"``)."""

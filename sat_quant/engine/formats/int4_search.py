@@ -46,6 +46,8 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from .base import Reduce
+
 ScaleRounder = Callable[[torch.Tensor], torch.Tensor]
 
 MIN_SCALE = 2.0 ** -24  # smallest positive fp16: an all-zero group still divides safely
@@ -138,19 +140,23 @@ def _column_moments(w: torch.Tensor, inv_r: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _row_std(w: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
-    """float64 [n]: the (unbiased) std of each row of ``w * inv_c``, in float64, a few rows at a time."""
-    k = w.shape[1]
-    out = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
+def _row_moments(w: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
+    """float64 [2, n]: sum over this rank's columns of ``w_ij * inv_c_j`` and of its square, a few rows at a time."""
+    out = torch.empty(2, w.shape[0], dtype=torch.float64, device=w.device)
     for start in range(0, w.shape[0], _MOMENT_ROWS):
         part = w[start:start + _MOMENT_ROWS].double()
-        first = part @ inv_c
-        second = part.square_() @ inv_c.square()
-        out[start:start + part.shape[0]] = ((second - first.square() / k) / max(k - 1, 1)).clamp(min=0).sqrt()
+        out[0, start:start + part.shape[0]] = part @ inv_c
+        out[1, start:start + part.shape[0]] = part.square_() @ inv_c.square()
     return out
 
 
-def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, group=None) -> torch.Tensor:
+def _std(moments: torch.Tensor, count: float) -> torch.Tensor:
+    """The (unbiased) standard deviation from float64 [2, m] sums of values and squares over ``count`` values."""
+    return ((moments[1] - moments[0].square() / count) / max(count - 1, 1)).clamp(min=0).sqrt()
+
+
+def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, rows_reduce: Optional[Reduce] = None,
+                  columns_reduce: Optional[Reduce] = None) -> torch.Tensor:
     """float32 [k] per-input-column scales ``t`` (geometric mean 1) that balance ``weight`` [n, k] (SINQ, Müller et al.
     2025): ``weight / t`` has columns and rows of more even spread, and ``weight ≈ Q(weight / t) * t``.
 
@@ -159,41 +165,41 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
     columns) is least. Row factors are not returned: a grouped format's own row/group scales absorb them. Applying
     ``t`` needs ``x * t`` on the activations at run time (the matmul then uses ``weight / t``'s codes).
 
-    ``group``: a torch.distributed process group whose ranks each hold some rows of one weight (SAT's
-    column-parallel shards); column sums and the score are all-reduced over it, so every rank gets the ``t`` of the
-    whole weight. The passes run in float64 a few rows at a time (no full-size temporaries), so the sharding changes
-    ``t`` by float64 rounding only, far below what a stored code resolves.
+    Model-parallel shards of one weight get the whole weight's ``t`` (their part of it): ``rows_reduce`` when each
+    rank holds some rows (SAT's column-parallel shards: column sums are combined), ``columns_reduce`` when each
+    holds some columns (row-parallel: row sums and the geometric mean are combined); the score is combined either
+    way. The passes run in float64 a few rows at a time (no full-size temporaries), so the sharding changes ``t`` by
+    float64 rounding only, far below what a stored code resolves.
     """
     w = weight.detach().float()
+    shared = rows_reduce or columns_reduce
 
-    def total(t: torch.Tensor, op=None) -> torch.Tensor:
-        if group is not None:
-            torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM, group=group)
-        return t
+    def total(t: torch.Tensor, reduce: Optional[Reduce], op: str = "sum") -> torch.Tensor:
+        return t if reduce is None else reduce(t, op)
 
-    rows_total = float(total(torch.tensor([float(w.shape[0])], dtype=torch.float64, device=w.device))[0])
+    def count(m: int, reduce: Optional[Reduce]) -> float:
+        return float(total(torch.tensor([float(m)], dtype=torch.float64, device=w.device), reduce)[0])
+
+    rows_total, cols_total = count(w.shape[0], rows_reduce), count(w.shape[1], columns_reduce)
     if rows_total < 2:  # one row has no column spread
         return torch.ones(w.shape[1], device=w.device)
 
-    def column_std(inv_r: torch.Tensor) -> torch.Tensor:  # float64 [k]: std of each column of w * inv_r, all ranks
-        s = total(_column_moments(w, inv_r))
-        return ((s[1] - s[0].square() / rows_total) / (rows_total - 1)).clamp(min=0).sqrt()
-
-    def extremes(values: torch.Tensor) -> torch.Tensor:  # (max, min) over every rank's live values
+    def extremes(values: torch.Tensor) -> torch.Tensor:  # (max, -min) over every rank's live values
         if values.numel() == 0:
             pair = torch.tensor([-float("inf"), -float("inf")], dtype=torch.float64, device=w.device)
         else:
             pair = torch.stack([values.max(), -values.min()])
-        return total(pair, torch.distributed.ReduceOp.MAX if group is not None else None)
+        return total(pair, shared, "max")
 
     log_c = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
     log_r = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    rows = _row_std(w, torch.ones_like(log_c))  # the iterate's row spreads: the weight's own, 1 once rows are divided
+    # the iterate's row spreads: the weight's own, 1 once rows are divided
+    rows = _std(total(_row_moments(w, torch.ones_like(log_c)), columns_reduce), cols_total)
     live_rows = rows > 0  # constant rows and columns (all-zero ones) keep factor 1 and are left out of the score
     best, best_c = float("inf"), log_c
     for step in range(steps + 1):
         # std of a column of w / (r c) is c_j^-1 * std(w / r): two passes over the weight per step
-        cols = column_std((-log_r).exp()) * (-log_c).exp()
+        cols = _std(total(_column_moments(w, (-log_r).exp()), rows_reduce), rows_total) * (-log_c).exp()
         live_cols = cols > 0
         col_hi, col_lo = extremes(cols[live_cols]).tolist()
         row_hi, row_lo = extremes(rows[live_rows]).tolist()
@@ -206,10 +212,11 @@ def column_scales(weight: torch.Tensor, steps: int = COLUMN_SCALE_STEPS, *, grou
         if step == steps:
             break
         log_c = log_c + torch.where(live_cols, cols, torch.ones_like(cols)).log()
-        row_std = _row_std(w, (-log_c).exp()) * (-log_r).exp()
+        row_std = _std(total(_row_moments(w, (-log_c).exp()), columns_reduce), cols_total) * (-log_r).exp()
         log_r = log_r + torch.where(row_std > 0, row_std, torch.ones_like(row_std)).log()
         rows = torch.ones_like(rows)
-    return (best_c - best_c.mean()).exp().float()
+    mean = float(total(best_c.sum().reshape(1), columns_reduce)[0]) / cols_total
+    return (best_c - mean).exp().float()
 
 
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, scale: torch.Tensor,

@@ -24,7 +24,17 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, pad_columns, pad_hessian, register_format, unpack_nibbles
+from .base import (
+    LayerSpec,
+    Reduce,
+    TensorLayout,
+    WeightFormat,
+    pack_nibbles,
+    pad_columns,
+    pad_hessian,
+    register_format,
+    unpack_nibbles,
+)
 from .int4_search import choose_int4, largest_group_scale
 
 _CODE_MAX = 255.0  # the largest 8-bit scale code; the row's largest group scale is code 255
@@ -62,7 +72,9 @@ class Int4Compact(WeightFormat):
     kernel_layout = "int4_affine"
     backend_order = ("torch", "reference")
     calibratable = True
-    per_row_tensors = ("row_scale",)  # its own per-shard value: int4c is refused on row-parallel shards
+    per_row_tensors = ("row_scale",)
+    shares_row_stats = True  # row-parallel shards: the whole row's row_scale (max over ranks), see shard_statistics
+    row_shard_group_multiple = 2  # zero-points pack two groups to a byte: a shard must not end inside a byte
 
     def affine_groups(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec) -> Tuple[torch.Tensor, torch.Tensor]:
         return group_scales(tensors), group_zeros(tensors, spec.num_groups).float()
@@ -75,10 +87,12 @@ class Int4Compact(WeightFormat):
                 "row_scale": ((n,), torch.float16)}
 
     def quantize(self, weight: torch.Tensor, spec: LayerSpec, *, hessian: Optional[torch.Tensor] = None,
-                 search: bool = True, damp: float = 0.1, act_order: bool = True) -> Dict[str, torch.Tensor]:
-        """Searched scales/zeros (default; ``search=False``: round to nearest), GPTQ with a ``hessian`` [in, in]."""
+                 search: bool = True, damp: float = 0.1, act_order: bool = True,
+                 row_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Searched scales/zeros (default; ``search=False``: round to nearest), GPTQ with a ``hessian`` [in, in].
+        ``row_scale`` [out]: the rows' reference scale from the whole row (a row-parallel shard's, given)."""
         weight = pad_columns(weight, spec)  # zero columns change no group's range: [min(w, 0), max(w, 0)]
-        row = largest_group_scale(weight, spec.group_size)
+        row = largest_group_scale(weight, spec.group_size) if row_scale is None else row_scale.float().reshape(-1, 1)
         codes, scale, zero = choose_int4(weight, spec.group_size, _rounder(row), hessian=pad_hessian(hessian, spec),
                                          search=search, damp=damp, act_order=act_order)
         zero = zero.to(torch.uint8)
@@ -88,6 +102,14 @@ class Int4Compact(WeightFormat):
                 "scale": _scale_codes(scale, row).to(torch.uint8).contiguous(),
                 "zero": pack_nibbles(zero).contiguous(),
                 "row_scale": row[:, 0].half().contiguous()}
+
+    def shard_statistics(self, weight: torch.Tensor, spec: LayerSpec, *, sharded: str,
+                         reduce: Reduce) -> Dict[str, torch.Tensor]:
+        """A row-parallel shard's row scale is the whole row's: the largest group scale over every rank's groups."""
+        if sharded != "columns":
+            return {}
+        row = largest_group_scale(pad_columns(weight.detach().float(), spec), spec.group_size)[:, 0]
+        return {"row_scale": reduce(row, "max")}
 
     def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:

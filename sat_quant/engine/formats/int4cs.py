@@ -25,7 +25,17 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .base import LayerSpec, TensorLayout, WeightFormat, pack_nibbles, pad_columns, pad_hessian, register_format, unpack_nibbles
+from .base import (
+    LayerSpec,
+    Reduce,
+    TensorLayout,
+    WeightFormat,
+    pack_nibbles,
+    pad_columns,
+    pad_hessian,
+    register_format,
+    unpack_nibbles,
+)
 from .int4_search import choose_int4, column_scales, largest_group_scale
 
 _SCALE_STEPS = 16.0  # group scale = row_scale * (code + 1) / 16, code 0..15
@@ -65,7 +75,8 @@ class Int4ColumnScaled(WeightFormat):
     kernel_layout = "int4_affine"
     backend_order = ("torch", "reference")
     calibratable = True
-    per_row_tensors = ("row_scale",)  # its own per-shard value: refused on row-parallel shards, as int4c
+    per_row_tensors = ("row_scale",)
+    shares_row_stats = True  # row-parallel shards: the whole row's row_scale (max over ranks), see shard_statistics
     input_scale_tensor = "col_scale"
 
     def layout(self, spec: LayerSpec) -> TensorLayout:
@@ -86,22 +97,35 @@ class Int4ColumnScaled(WeightFormat):
 
     def quantize(self, weight: torch.Tensor, spec: LayerSpec, *, hessian: Optional[torch.Tensor] = None,
                  search: bool = True, damp: float = 0.1, act_order: bool = True,
-                 col_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """``t`` from the weight alone (or ``col_scale``: the whole weight's, given to column-parallel shards), stored
-        as its code; then int4 of ``W / t`` against that stored ``t``: searched scales/zeros, or GPTQ against
-        ``t H t`` (the Hessian of the scaled inputs ``x * t``) when a calibration ``hessian`` [in, in] is given."""
+                 col_scale: Optional[torch.Tensor] = None,
+                 row_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``t`` from the weight alone, stored as its code; then int4 of ``W / t`` against that stored ``t``: searched
+        scales/zeros, or GPTQ against ``t H t`` (the Hessian of the scaled inputs ``x * t``) when a calibration
+        ``hessian`` [in, in] is given. A model-parallel shard is given the whole weight's statistics
+        (``shard_statistics``): ``col_scale`` (float ``t`` of its columns) and, row-parallel, ``row_scale`` [out]."""
         w = weight.detach().float()
         codes_t = encode_col_scale(column_scales(w) if col_scale is None else col_scale.to(w.device))
         t = decode_col_scale(codes_t)
         if hessian is not None:
             hessian = hessian.float() * t[:, None] * t[None, :]
         core = pad_columns(w / t, spec)  # zero columns change no group's range: [min(w, 0), max(w, 0)]
-        row = largest_group_scale(core, spec.group_size)
+        row = largest_group_scale(core, spec.group_size) if row_scale is None else row_scale.float().reshape(-1, 1)
         codes, scale, zero = choose_int4(core, spec.group_size, _rounder(row), hessian=pad_hessian(hessian, spec),
                                          search=search, damp=damp, act_order=act_order)
         scale_zero = (_scale_codes(scale, row).to(torch.uint8) << 4) | zero.to(torch.uint8)
         return {"qweight": pack_nibbles(codes).contiguous(), "scale_zero": scale_zero.contiguous(),
                 "row_scale": row[:, 0].half().contiguous(), "col_scale": codes_t.contiguous()}
+
+    def shard_statistics(self, weight: torch.Tensor, spec: LayerSpec, *, sharded: str,
+                         reduce: Reduce) -> Dict[str, torch.Tensor]:
+        """``t`` from the whole weight's row and column spreads (``column_scales`` with the sums over the other ranks'
+        rows or columns); a row-parallel shard also gets the whole row's row scale (the max over ranks)."""
+        w = weight.detach().float()
+        if sharded == "rows":
+            return {"col_scale": column_scales(w, rows_reduce=reduce)}
+        t = column_scales(w, columns_reduce=reduce)
+        core = pad_columns(w / decode_col_scale(encode_col_scale(t)), spec)
+        return {"col_scale": t, "row_scale": reduce(largest_group_scale(core, spec.group_size)[:, 0], "max")}
 
     def dequantize_core(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                         dtype: torch.dtype = torch.float32) -> torch.Tensor:

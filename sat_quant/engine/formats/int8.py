@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .base import LayerSpec, TensorLayout, WeightFormat, register_format
+from .base import LayerSpec, Reduce, TensorLayout, WeightFormat, register_format
 
 
 @register_format
@@ -36,6 +36,13 @@ class Int8PerChannel(WeightFormat):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero row: any scale reproduces it
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return {"qweight": q.contiguous(), "scale": scale.contiguous()}
+
+    def shard_statistics(self, weight: torch.Tensor, spec: LayerSpec, *, sharded: str,
+                         reduce: Reduce) -> Dict[str, torch.Tensor]:
+        """A row-parallel shard's scale is the whole row's absmax (the max over ranks)."""
+        if sharded != "columns":
+            return {}
+        return {"row_absmax": reduce(weight.detach().float().abs().amax(dim=1), "max")}
 
     def dequantize(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
