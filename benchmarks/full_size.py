@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"cogvlm": os.path.join(ROOT, "configs", "cogvlm-chat-17b.json"),
            "cogagent": os.path.join(ROOT, "configs", "cogagent-chat-18b.json")}
-FORMATS = {"int4": 4, "nf4": 4, "int8": 8}
+FORMATS = {"int4": 4, "int4cs": 4, "nf4": 4, "int8": 8}
 TEXT_TOKENS = 13  # the text part of the prompt: a short question after the image tokens
 GIB = 2 ** 30
 

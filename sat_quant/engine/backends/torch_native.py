@@ -4,7 +4,8 @@ kernels (``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA
 Both int4 kernels compute ``(q - 8) * scale + z`` per group, so our ``(q - zero) * scale``
 maps to ``z = (8 - zero) * scale``. The CPU kernel wants its own interleaved nibble layout
 (blocks of BLOCK_N rows); a probe on first use finds BLOCK_N and checks that our uint8 packing equals
-torch's converter bit for bit, then we repack bytes with plain tensor ops (several times faster than the converter).
+torch's converter bit for bit, then we repack bytes (``kernels/int4pack.py`` in C++, else plain tensor ops: both
+several times faster than the converter).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..formats import LayerSpec, WeightFormat
+from ..kernels import int4pack
 from .base import Backend, KernelTensors, cached, pad_activation
 from .prefill import WeightTiles, rows_per_tile
 
@@ -125,9 +127,11 @@ class TorchNativeBackend(Backend):
             return dict(neutral)
         qweight = neutral["qweight"]
         out = {k: v for k, v in neutral.items() if k != "qweight"}  # the group parameters, as saved
-        if qweight.device.type == "cpu":  # byte-level model of torch's layout (verified by the probe): 2.3x faster than
-            # unpacking to codes and repacking (4096x16384 layer, contended 2-core CPU)
-            out["packed"] = _cpu_pack_neutral(qweight, cpu_int4_block_n())
+        if qweight.device.type == "cpu":  # byte-level model of torch's layout (verified by the probe), in C++ where
+            # it builds (loading a 4-bit CogVLM: the torch version took longer than reading the file)
+            block_n = cpu_int4_block_n()
+            packed = int4pack.from_neutral(qweight, block_n)
+            out["packed"] = _cpu_pack_neutral(qweight, block_n) if packed is None else packed
         else:
             out["packed"] = torch.ops.aten._convert_weight_to_int4pack(qweight.contiguous(), 8)
             out["_neutral_qweight"] = qweight  # CUDA tile layout has no cheap inverse; keep the 4-bit codes too
@@ -149,8 +153,10 @@ class TorchNativeBackend(Backend):
         if "_neutral_qweight" in kernel:
             qweight = kernel["_neutral_qweight"]
         else:
-            qweight = _cpu_unpack_neutral(kernel["packed"], spec.out_features, spec.padded_in_features,
-                                          cpu_int4_block_n())
+            n, block_n = spec.out_features, cpu_int4_block_n()
+            qweight = int4pack.to_neutral(kernel["packed"], n, block_n)
+            if qweight is None:
+                qweight = _cpu_unpack_neutral(kernel["packed"], n, spec.padded_in_features, block_n)
         return {"qweight": qweight, **{k: v for k, v in kernel.items() if not k.startswith("_") and k != "packed"}}
 
     def weight_tiles(self, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors, dtype: torch.dtype) -> WeightTiles:
