@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_imports(est)
     est.add_argument("--batch", type=int, default=1)
     est.add_argument("--seq", type=int, default=2048)
+    est.add_argument("--run-device", choices=["cuda", "cpu"], default="cuda",
+                     help="where the model will run: its kernels' caches differ (default: cuda)")
     add_quant_args(est)
     est.set_defaults(handler="estimate_command", fp16=False, bf16=False, device="cpu")
     return parser

@@ -122,7 +122,8 @@ def estimate_command(ns: argparse.Namespace) -> int:
     asked = validate_quant_args(ns)
     if asked is not None:
         columns["asked"] = asked
-    table, _ = estimate_table(cls, args, columns, batch=ns.batch, seq=ns.seq)
-    print(f"{base_model_class(str(model_config.get('model_class')))}: batch {ns.batch}, sequence {ns.seq}")
+    table, _ = estimate_table(cls, args, columns, batch=ns.batch, seq=ns.seq, device=ns.run_device)
+    print(f"{base_model_class(str(model_config.get('model_class')))}: batch {ns.batch}, sequence {ns.seq}, "
+          f"running on {ns.run_device}")
     print(table)
     return 0

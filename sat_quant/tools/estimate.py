@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..engine.backends import select_backend
 from ..engine.config import QuantConfig
 from ..engine.formats import get_format
 from ..engine.replace import is_target, plan_layers
@@ -46,6 +47,8 @@ class Estimate:
 
     weights: Dict[str, int] = field(default_factory=OrderedDict)
     params: Dict[str, int] = field(default_factory=OrderedDict)
+    #: what quantized layers' kernels derive and keep once they have run (``Backend.cache_nbytes``)
+    kernel_caches: int = 0
     kv_cache: int = 0
     activations: int = 0
 
@@ -55,12 +58,18 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return self.weight_bytes + self.kv_cache + self.activations
+        return self.weight_bytes + self.kernel_caches + self.kv_cache + self.activations
 
 
-def estimate_weights(model: nn.Module, config: Optional[QuantConfig]) -> Estimate:
-    """Price every parameter and buffer of ``model`` (built on meta or real) under ``config``."""
+def estimate_weights(model: nn.Module, config: Optional[QuantConfig], device: str = "cuda") -> Estimate:
+    """Price every parameter and buffer of ``model`` (built on meta or real) under ``config``, and the caches the
+    quantized layers' kernels keep when they run on ``device`` (the backend ``auto``, or the config's, picks there)."""
     est = Estimate()
+    requested = "auto" if config is None or not config.backend else config.backend
+
+    def cache(fmt, spec) -> int:
+        return select_backend(requested, fmt, spec, device).cache_nbytes(fmt, spec, torch.device(device))
+
     plan: Dict[int, Optional[object]] = {}
     if config is not None:
         plan = {id(p.module): p.spec for p in plan_layers(model, config)}
@@ -72,6 +81,7 @@ def estimate_weights(model: nn.Module, config: Optional[QuantConfig]) -> Estimat
             component = component_of(pre + n)
             if n == "weight" and spec is not None:
                 nbytes = get_format(spec.format).nbytes(spec)
+                est.kernel_caches += cache(get_format(spec.format), spec)
             else:
                 nbytes = t.numel() * t.element_size()
             est.weights[component] = est.weights.get(component, 0) + nbytes
@@ -80,6 +90,7 @@ def estimate_weights(model: nn.Module, config: Optional[QuantConfig]) -> Estimat
         if hasattr(module, "quantized_nbytes"):  # an already quantized layer: its packed tensors
             component = component_of(pre + "weight")
             est.weights[component] = est.weights.get(component, 0) + module.quantized_nbytes()
+            est.kernel_caches += cache(module.fmt, module.spec)
             est.params[component] = est.params.get(component, 0) + module.out_features * module.in_features
     return est
 
@@ -120,6 +131,7 @@ def format_estimates(columns: "OrderedDict[str, Estimate]") -> str:
         label = f"{c} ({params / 1e9:.2f}B)" if params >= 1e7 else c
         lines.append(f"{label:<30}" + "".join(f"{gib(columns[n].weights.get(c, 0)):>12}" for n in names))
     lines.append(f"{'weights':<30}" + "".join(f"{gib(columns[n].weight_bytes):>12}" for n in names))
+    lines.append(f"{'kernel caches (run time)':<30}" + "".join(f"{gib(columns[n].kernel_caches):>12}" for n in names))
     lines.append(f"{'KV cache':<30}" + "".join(f"{gib(columns[n].kv_cache):>12}" for n in names))
     lines.append(f"{'activations (peak)':<30}" + "".join(f"{gib(columns[n].activations):>12}" for n in names))
     lines.append(f"{'total':<30}" + "".join(f"{gib(columns[n].total):>12}" for n in names))
@@ -127,15 +139,16 @@ def format_estimates(columns: "OrderedDict[str, Estimate]") -> str:
 
 
 def estimate_table(model_cls, args: argparse.Namespace, configs: "OrderedDict[str, Optional[QuantConfig]]",
-                   batch: int = 1, seq: int = 2048) -> Tuple[str, "OrderedDict[str, Estimate]"]:
-    """One column per named config (None = the model's dtype, unquantized), the model built once on meta per dtype."""
+                   batch: int = 1, seq: int = 2048, device: str = "cuda") -> Tuple[str, "OrderedDict[str, Estimate]"]:
+    """One column per named config (None = the model's dtype, unquantized), the model built once on meta per dtype;
+    kernel caches as they are on ``device``."""
     columns: "OrderedDict[str, Estimate]" = OrderedDict()
     cache: Dict[torch.dtype, nn.Module] = {}
     for label, config in configs.items():
         dtype = torch.bfloat16 if label == "bf16" else torch.float32 if label == "fp32" else torch.float16
         if dtype not in cache:
             cache[dtype] = build_on_meta(model_cls, args, dtype)
-        est = estimate_weights(cache[dtype], config)
+        est = estimate_weights(cache[dtype], config, device)
         act_bytes = 4 if dtype == torch.float32 else 2
         est.kv_cache, est.activations = estimate_runtime(args, batch, seq, act_bytes)
         columns[label] = est

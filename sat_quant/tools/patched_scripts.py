@@ -63,8 +63,9 @@ def _weight_estimate(path: str, ns: argparse.Namespace):
         config = config_from_args(meta_args)
         dtype = (torch.bfloat16 if getattr(ns, "bf16", False) else
                  torch.float16 if getattr(ns, "fp16", False) else torch.float32)
-        est = estimate_weights(build_on_meta(cls, meta_args, dtype), config)
-        return est.weight_bytes // max(1, int(getattr(ns, "model_parallel_size", 1) or 1))
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # where load_for_inference puts the model
+        est = estimate_weights(build_on_meta(cls, meta_args, dtype), config, device)
+        return (est.weight_bytes + est.kernel_caches) // max(1, int(getattr(ns, "model_parallel_size", 1) or 1))
     return price
 
 

@@ -32,6 +32,50 @@ def test_estimate_equals_measured_bytes_of_the_built_model(name, config):
     assert estimate == quant_report(model).bytes_after
 
 
+def _kernel_cache_bytes(model) -> int:
+    """What the model's quantized layers' kernels hold beyond their neutral tensors (derived, '_' keys)."""
+    from sat_quant.engine.layers import QuantLinear
+    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear)
+               for k, t in m._kernel.items() if k.startswith("_"))
+
+
+def _run_every_layer_once(model) -> None:
+    """A two-row bf16 forward through each quantized layer: the decode path, which builds the kernels' caches."""
+    from sat_quant.engine.layers import QuantLinear
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                QuantLinear.forward(m, torch.randn(2, m.in_features, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("config", [QuantConfig(bits=4), QuantConfig(bits=4, format="int4cs"), QuantConfig(bits=8),
+                                    QuantConfig(bits=4, format="nf4"), QuantConfig(bits=4, backend="lut")],
+                         ids=["int4", "int4cs", "int8", "nf4", "int4-lut"])
+def test_kernel_caches_are_what_the_kernels_keep_after_running(config):
+    """The estimate's "kernel caches" on CPU are the bytes the built model's kernels derive and keep once it runs
+    (torch's int4 kernel: bf16 scale and zero per group; int8: bf16 row scales; int4cs: bf16 ``t``; lut: its
+    table): what a decode step's memory holds beyond the weights."""
+    cls = SAT_MODELS["llama"][0]
+    expected = estimate_weights(build_on_meta(cls, sat_args("llama"), torch.float32), config, "cpu").kernel_caches
+    model = sat_quant.sat.build.build_quantized(sat_args("llama"), cls, config)
+    assert _kernel_cache_bytes(model) == 0
+    _run_every_layer_once(model)
+    assert expected > 0 and _kernel_cache_bytes(model) == expected
+
+
+def test_kernel_caches_of_ragged_layers_and_on_cuda():
+    """int8 on CPU with K not a multiple of 16 keeps a zero-padded copy of its codes; int4cs's per-group bf16
+    scales are 1 bit/param at group 32; on CUDA torch's int4 backend also keeps the neutral codes (priced, not run)."""
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Linear(64, 128))
+    config = QuantConfig(bits=8, plan={"0": "int8", "1": "int4cs"})
+    expected = estimate_weights(model, config, "cpu").kernel_caches
+    sat_quant.quantize_(model, config)
+    _run_every_layer_once(model)
+    assert _kernel_cache_bytes(model) == expected == (2 * 64 + 64 * 48) + (2 * 64 + 4 * 2 * 128)
+    on_cuda = estimate_weights(torch.nn.Sequential(torch.nn.Linear(4096, 4096)), QuantConfig(bits=4), "cuda")
+    assert on_cuda.kernel_caches == 4 * 32 * 4096 + 4096 * 4096 // 2
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_estimate_equals_measured_bytes_tiny_cogvlm(bits):
     cls = _cogvlm_model_class()

@@ -41,6 +41,12 @@ class Backend(ABC):
         """Inverse of prepare, exact; derived per-dtype caches (keys starting with '_') are dropped."""
         return {k: v for k, v in kernel.items() if not k.startswith("_")}
 
+    def cache_nbytes(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> int:
+        """Bytes a layer's kernel tensors grow by once it has run with bf16 activations on ``device``: the copies
+        derived on first use and kept (keys starting with '_'), beyond the neutral bytes. ``sat-quant estimate``
+        adds them up as "kernel caches". Here: an input-scaled format's ``t`` in the activations' dtype."""
+        return 2 * spec.in_features if fmt.input_scale_tensor is not None else 0
+
     def linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         """x [..., in] → x @ W^T [..., out] in x's dtype, without bias: the kernel, or the prefill path for many rows.
 

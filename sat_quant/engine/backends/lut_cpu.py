@@ -48,6 +48,10 @@ class LutCpuBackend(Backend):
             return super().to_neutral(fmt, spec, kernel)
         return {"qweight": kernel["qweight"], "scale": kernel["absmax"].half(), "zero": kernel["zero"]}
 
+    def cache_nbytes(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> int:
+        """The 16-entry fp32 table each layer looks its codes up in."""
+        return super().cache_nbytes(fmt, spec, device) + 16 * 4
+
     def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         from ..kernels import lut4
         return lut4.linear(pad_activation(x, spec), kernel["qweight"], kernel["absmax"], _table(fmt, kernel),

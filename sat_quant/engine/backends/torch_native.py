@@ -176,6 +176,19 @@ class TorchNativeBackend(Backend):
             yield start, stop, _cpu_dequantize_blocks(packed, k, block_n, scale, zero, spec.group_size,
                                                       dtype)[:, :spec.in_features]
 
+    def cache_nbytes(self, fmt: WeightFormat, spec: LayerSpec, device: torch.device) -> int:
+        """int4: the bf16 scale and zero per group the kernels read (4 bytes: +1 bit/param at group 32), and on CUDA
+        the neutral codes kept beside tinygemm's (``prepare``); int8: bf16 row scales, and on CPU a copy of the codes
+        zero-padded to 16 columns where K is not a multiple (see ``kernel_linear``)."""
+        dev, n, k = torch.device(device).type, spec.out_features, spec.padded_in_features
+        extra = super().cache_nbytes(fmt, spec, device)
+        if fmt.kernel_layout == "int8_rowwise":
+            padded = n * (k + -k % _INT8_CPU_K) if dev == "cpu" and k % _INT8_CPU_K else 0
+            return extra + 2 * n + padded
+        if fmt.kernel_layout == "int4_affine":
+            return extra + 4 * spec.num_groups * n + (0 if dev == "cpu" else n * k // 2)
+        return extra
+
     # -- compute ----------------------------------------------------------------------------------
     def kernel_linear(self, x: torch.Tensor, fmt: WeightFormat, spec: LayerSpec, kernel: KernelTensors) -> torch.Tensor:
         shape = x.shape
