@@ -34,8 +34,7 @@ def test_repack_is_what_torchs_converter_writes_and_its_kernel_reads():
     """On this machine's block size: torch's own converter gives the same bytes, and its int4 kernel computes
     with them what the codes say."""
     block_n = cpu_int4_block_n()
-    if block_n is None:
-        pytest.skip("this torch has no CPU int4 kernel layout we know (the backend then declines int4)")
+    assert block_n is not None, "the pinned torch's CPU int4 layout changed: torch_native would decline int4"
     codes = _codes(128, 256, seed=1)
     packed = int4pack.from_neutral(pack_nibbles(codes), block_n)
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))

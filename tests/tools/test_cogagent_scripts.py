@@ -197,7 +197,7 @@ def test_merged_cogagent_answers_in_the_cli_demo(qlora, merged, tmp_path):
 #: a user's own evaluation script for CogAgent, as upstream's evaluate_cogvlm_demo.py loads a checkpoint (no upstream
 #: script uses FineTuneTestCogAgentModel); it saves the loaded model's state dict and its LoRA-carrying layers
 _EVAL_LOAD = """
-import argparse, sys, torch
+import argparse, torch
 import sat_quant
 from utils.models import FineTuneTestCogAgentModel
 py_parser = argparse.ArgumentParser(add_help=False)

@@ -68,11 +68,10 @@ class WeightFormat(ABC):
     backend_order: ClassVar[Tuple[str, ...]] = ("reference",)
     #: ``quantize(..., hessian=H)`` runs GPTQ against calibration statistics
     calibratable: ClassVar[bool] = False
-    #: tensors of shape [out] whose value spans every input column of its row (a row-parallel shard sees only part)
+    #: tensors of shape [out] whose value spans every input column of its row (a row-parallel shard sees only part):
+    #: ``shard_statistics(..., sharded="columns")`` must give the whole row's, so row-parallel shards store identical
+    #: copies (split and merged as such)
     per_row_tensors: ClassVar[Tuple[str, ...]] = ()
-    #: ``shard_statistics(..., sharded="columns")`` gives the whole row's statistics, so row-parallel shards store
-    #: identical per-row tensors (split and merged as copies); every format with ``per_row_tensors`` needs it
-    shares_row_stats: ClassVar[bool] = False
     #: a row-parallel shard must hold a multiple of this many groups (int4c packs two groups' zero-points per byte)
     row_shard_group_multiple: ClassVar[int] = 1
     #: a tensor of shape [in] the activations are multiplied by before the kernel (``int4cs``'s column scale):

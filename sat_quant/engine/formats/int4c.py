@@ -72,8 +72,7 @@ class Int4Compact(WeightFormat):
     kernel_layout = "int4_affine"
     backend_order = ("torch", "reference")
     calibratable = True
-    per_row_tensors = ("row_scale",)
-    shares_row_stats = True  # row-parallel shards: the whole row's row_scale (max over ranks), see shard_statistics
+    per_row_tensors = ("row_scale",)  # row-parallel shards: the whole row's (max over ranks), see shard_statistics
     row_shard_group_multiple = 2  # zero-points pack two groups to a byte: a shard must not end inside a byte
 
     def affine_groups(self, tensors: Dict[str, torch.Tensor], spec: LayerSpec) -> Tuple[torch.Tensor, torch.Tensor]:

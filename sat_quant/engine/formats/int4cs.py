@@ -75,8 +75,7 @@ class Int4ColumnScaled(WeightFormat):
     kernel_layout = "int4_affine"
     backend_order = ("torch", "reference")
     calibratable = True
-    per_row_tensors = ("row_scale",)
-    shares_row_stats = True  # row-parallel shards: the whole row's row_scale (max over ranks), see shard_statistics
+    per_row_tensors = ("row_scale",)  # row-parallel shards: the whole row's (max over ranks), see shard_statistics
     input_scale_tensor = "col_scale"
 
     def layout(self, spec: LayerSpec) -> TensorLayout:

@@ -22,7 +22,6 @@ class Int8PerChannel(WeightFormat):
     kernel_layout = "int8_rowwise"
     backend_order = ("torch", "reference")
     per_row_tensors = ("scale",)
-    shares_row_stats = True
 
     def layout(self, spec: LayerSpec) -> TensorLayout:
         return {"qweight": ((spec.out_features, spec.in_features), torch.int8),
